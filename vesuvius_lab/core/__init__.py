@@ -1,0 +1,1 @@
+"""The core: everything a plugin plugs into. No model zoo lives here."""
