@@ -1,0 +1,45 @@
+"""The contract for model plugins that own their training and prediction (e.g. nnU-Net).
+
+Most model plugins return a ``torch.nn.Module`` that the core trains. A plugin whose framework
+has its own planning, training loop and predictor instead returns an object satisfying
+:class:`SelfTrainingModel`; the core then hands it a :class:`TrainJob` and later asks it for
+per-volume probabilities, and everything downstream (post-processing, metric, run records,
+leaderboard, ensembles) is the same as for any other model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass
+class TrainJob:
+    """Everything a self-training backend needs to train one fold of one experiment."""
+
+    spec: Any  # the resolved vesuvius_lab.core.spec.Experiment
+    data_root: Path  # competition layout: train_images/, train_labels/, train.csv
+    train_ids: list[str]
+    val_ids: list[str]
+    fold: int
+    folds: list[list[str]]  # validation ids of every fold, so a backend can mirror the split
+    run_dir: Path  # the run's directory; the backend keeps its artefacts under run_dir / "backend"
+    cache_dir: Path  # shared cache (converted datasets, plans) reused across runs
+    device: str  # "cpu" or "cuda"
+    log: Callable[[str], None] = print  # goes to the console and the run's log
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class SelfTrainingModel(Protocol):
+    def train(self, job: TrainJob) -> None:
+        """Train on ``job``; leave what :meth:`load` needs under ``job.run_dir``."""
+
+    def load(self, run_dir: Path, device: str) -> None:
+        """Prepare to predict with the model trained in ``run_dir``."""
+
+    def predict_probabilities(self, volume: np.ndarray) -> np.ndarray:
+        """Surface probability per voxel, float32 (D, H, W), for a uint8 volume (D, H, W)."""
