@@ -1,0 +1,1 @@
+"""Example plugins for vesuvius-lab, registered through entry points (see pyproject.toml)."""

@@ -1,0 +1,128 @@
+"""Third-party plugins installed as real distributions with entry points, as a user would install them.
+
+Each package is installed with pip into its own folder, which the `vlab` subprocess sees on its
+path: nothing in vesuvius-lab changes for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "vlab-plugin-example"
+VLAB = [sys.executable, "-m", "vesuvius_lab"]
+
+
+def pip_install(source: Path, target: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True)
+
+
+def make_package(root: Path, name: str, entry_points: str, module: str | None = None) -> Path:
+    """A minimal distribution: pyproject.toml with entry points and, optionally, one module."""
+    (root / "src").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "{name}"
+        version = "1.2.3"
+        {entry_points}
+        [tool.setuptools]
+        package-dir = {{"" = "src"}}
+        py-modules = [{'"' + module + '"' if module else ''}]
+    """))
+    if module:
+        (root / "src" / f"{module}.py").write_text("from vesuvius_lab.plugins.losses import dice as dice\n")
+    return root
+
+
+def vlab(args: list[str], site: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run(VLAB + args, capture_output=True, text=True, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The example package and a broken one (its module is missing) installed side by side."""
+    site = tmp_path_factory.mktemp("site")
+    pip_install(EXAMPLE, site)
+    broken = make_package(tmp_path_factory.mktemp("broken"), "vlab-broken-plugin",
+                          '[project.entry-points."vesuvius_lab.losses"]\nghost = "no_such_module:ghost"')
+    pip_install(broken, site)
+    return site
+
+
+def test_listing_shows_broken_plugin_under_its_package_and_the_rest_ok(site, tmp_path):
+    result = vlab(["plugins", "--json"], site, tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {(r["group"], r["name"]): r for r in json.loads(result.stdout)}
+    ghost = rows[("losses", "ghost")]
+    assert ghost["package"] == "vlab-broken-plugin" and ghost["version"] == "1.2.3"
+    assert ghost["status"].startswith("broken: ") and "no_such_module" in ghost["status"]
+    assert rows[("losses", "log_cosh_dice")]["status"] == "ok"
+    assert rows[("losses", "log_cosh_dice")]["package"] == "vlab-plugin-example"
+    assert rows[("blenders", "hann")]["summary"].startswith("Raised-cosine weights")
+    others = [r for key, r in rows.items() if key != ("losses", "ghost")]
+    assert others and all(r["status"] == "ok" for r in others)
+
+
+def test_experiment_uses_third_party_plugins(site, tmp_path):
+    exp = tmp_path / "third.toml"
+    exp.write_text(textwrap.dedent("""
+        name = "third-party"
+        [model]
+        plugin = "smp_unet25d"
+        [[loss]]
+        plugin = "log_cosh_dice"
+        params = { smooth = 0.5 }
+        [inference]
+        blend = { plugin = "hann", params = { floor = 0.01 } }
+    """))
+    result = vlab(["validate", str(exp)], site, tmp_path)
+    assert result.returncode == 0, result.stderr
+    built = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch
+        from vesuvius_lab.core import registry
+        w = registry.build("blenders", "hann", {"floor": 0.01}, window=(4, 8, 8))
+        assert w.shape == (4, 8, 8) and w.min() >= 0.01 and w.max() == 1.0
+        loss = registry.build("losses", "log_cosh_dice", {})
+        logits = torch.zeros(1, 1, 2, 4, 4, requires_grad=True)
+        value = loss(logits, torch.ones(1, 1, 2, 4, 4), torch.ones(1, 1, 2, 4, 4, dtype=torch.bool))
+        value.backward()
+        assert value.item() > 0 and logits.grad.abs().sum() > 0
+        print("built")
+    """)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(site)})
+    assert built.returncode == 0 and "built" in built.stdout, built.stderr
+
+
+def test_using_a_broken_plugin_is_a_clear_error(site, tmp_path):
+    exp = tmp_path / "ghost.toml"
+    exp.write_text('name = "g"\n[model]\nplugin = "smp_unet25d"\n[[loss]]\nplugin = "ghost"\n')
+    result = vlab(["validate", str(exp)], site, tmp_path)
+    assert result.returncode == 2
+    assert "vlab-broken-plugin" in result.stderr and "no_such_module" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_same_name_from_two_packages_is_an_error_naming_both(site, tmp_path):
+    clash_site = tmp_path / "clash-site"
+    clash = make_package(tmp_path / "clash", "vlab-clashing-plugin",
+                         '[project.entry-points."vesuvius_lab.losses"]\ndice = "clashing:dice"', module="clashing")
+    pip_install(clash, clash_site)
+    exp = tmp_path / "clash.toml"
+    exp.write_text('name = "c"\n[model]\nplugin = "smp_unet25d"\n[[loss]]\nplugin = "dice"\n')
+    env_site = f"{clash_site}{os.pathsep}{site}"
+    result = vlab(["validate", str(exp)], Path(env_site), tmp_path)
+    assert result.returncode == 2
+    assert "vlab-clashing-plugin" in result.stderr and "vesuvius-lab" in result.stderr
+    listing = json.loads(vlab(["plugins", "--json", "--group", "losses"], Path(env_site), tmp_path).stdout)
+    assert any(r["name"] == "dice" and r["status"].startswith("broken") for r in listing)
