@@ -96,6 +96,8 @@ class InferenceSpec(Strict):
     blend: PluginRef = Field(default_factory=lambda: PluginRef(plugin="gaussian"))
     batch_size: int = Field(4, ge=1)
     tta: list[TTA] = Field(default_factory=list, description="Flips along axes and in-plane rot90.")
+    axes: list[Literal[0, 1, 2]] = Field(default_factory=lambda: [0], min_length=1,
+                                         description="Axes used as depth in turn, averaged (2.5D models).")
     threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a voxel is surface.")
 
     @field_validator("overlap")

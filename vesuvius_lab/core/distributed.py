@@ -1,0 +1,88 @@
+"""torch.distributed on one machine (``nproc`` processes) or under ``torchrun``.
+
+gloo on the CPU, nccl on CUDA. Only rank 0 writes files and draws progress. A rank that dies
+takes the others down: ``torch.multiprocessing.spawn`` terminates the survivors, and every
+collective has a timeout, so nobody waits forever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+#: How long a collective may wait for a missing rank before the others give up.
+COLLECTIVE_TIMEOUT = timedelta(minutes=int(os.environ.get("VLAB_DDP_TIMEOUT_MIN", "10")))
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init(rank: int, world_size: int, device: str, port: int | None = None) -> None:
+    """Join the process group (a no-op for a single process)."""
+    if world_size <= 1 or dist.is_initialized():
+        return
+    if port is not None:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, float], device: str = "cpu") -> dict[str, float]:
+    """Average a dict of floats over the ranks (same keys on every rank)."""
+    if not dist.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
+    """Run ``fn(rank, nproc, port, *args)`` in ``nproc`` processes; one failing stops them all."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=True)

@@ -1,0 +1,189 @@
+"""Run directories and their records.
+
+``runs/<experiment>/<run-id>/`` holds::
+
+    spec.json          the resolved experiment (what actually ran)
+    env.json           versions, git commit and dirty flag, seed, command line, world size, device
+    status.json        running / finished / failed / interrupted, with pid, host and a heartbeat
+    metrics.jsonl      one line per epoch: loss terms, lr, samples/s, validation scores
+    scores.json        per-volume validation scores of the best checkpoint, and per post-processing step
+    summary.json       the final numbers the leaderboard reads
+    checkpoints/       last.pt and best.pt
+    log.txt            what was printed
+
+Every JSON file is written atomically; ``metrics.jsonl`` is appended line by line and a reader
+skips a torn last line. A run killed with SIGKILL cannot mark itself: its status stays
+``running`` and readers see that its process is gone (:func:`effective_state`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.files import write_json_atomic
+
+PACKAGES = ("vesuvius-lab", "torch", "monai", "segmentation-models-pytorch", "nnunetv2", "numpy")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory and accessors for its records."""
+
+    path: Path
+
+    @property
+    def experiment(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def read(self, name: str, default: Any = None) -> Any:
+        """A JSON record, or ``default`` when it does not exist (yet)."""
+        try:
+            return json.loads((self.path / name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return default
+
+    def write(self, name: str, data: Any) -> None:
+        write_json_atomic(self.path / name, data)
+
+    def metrics(self) -> list[dict]:
+        """The per-epoch records; a line being written right now is skipped."""
+        try:
+            lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record, default=float) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        status = self.read("status.json", {}) | extra
+        status.update(state=state, pid=os.getpid(), host=socket.gethostname(), updated=_now())
+        self.write("status.json", status)
+
+    def log(self, text: str) -> None:
+        with open(self.path / "log.txt", "a") as handle:
+            handle.write(text.rstrip("\n") + "\n")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_run(runs_dir: Path, experiment: str, fold: int) -> Run:
+    """Create ``runs/<experiment>/fold<k>-<timestamp>[-n]/`` without clashing with a concurrent run."""
+    parent = runs_dir / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        path = parent / (f"fold{fold}-{stamp}" + (f"-{attempt}" if attempt else ""))
+        try:
+            path.mkdir()  # atomic: two processes never get the same folder
+        except FileExistsError:
+            continue
+        (path / "checkpoints").mkdir()
+        return Run(path)
+    raise RuntimeError(f"could not create a run folder under {parent}")
+
+
+def open_run(path: Path) -> Run:
+    """An existing run directory, or a clear error."""
+    path = Path(path)
+    if not (path / "spec.json").is_file():
+        raise UserError(f"{path}: not a run directory (no spec.json). Runs live in "
+                        "<runs_dir>/<experiment>/<run-id>/; `vlab leaderboard --runs` lists them.")
+    return Run(path.resolve())
+
+
+def find_runs(runs_dir: Path) -> list[Run]:
+    """Every run directory under ``runs_dir`` (hidden folders such as the cache are skipped)."""
+    if not runs_dir.is_dir():
+        return []
+    return sorted(Run(p.parent) for p in runs_dir.glob("[!.]*/*/spec.json"))
+
+
+def effective_state(run: Run) -> str:
+    """The recorded state, except that a "running" run whose process is gone is "killed"."""
+    status = run.read("status.json", {})
+    state = status.get("state", "unknown")
+    if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+        return "killed"
+    return state
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def git_state(cwd: Path) -> dict:
+    """The commit and dirty flag of the repository around ``cwd`` (None outside a repository)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if commit else None}
+
+
+def environment(*, seed: int, world_size: int, device: str, cwd: Path) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git": git_state(cwd),
+        "seed": seed,
+        "command": sys.argv,
+        "world_size": world_size,
+        "device": device,
+        "host": socket.gethostname(),
+        "started": _now(),
+        "started_unix": time.time(),
+    }
