@@ -1,0 +1,217 @@
+"""Training end to end on tiny synthetic data: records, validation, resume after SIGKILL and Ctrl-C,
+non-finite losses, DDP on the CPU and its gradient equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vesuvius_lab.core import checkpoint
+from vesuvius_lab.core.runs import Run, effective_state, find_runs
+
+TINY = """
+    name = "tiny"
+    [data]
+    window = [8, 32, 32]
+    folds = 3
+    [model]
+    plugin = "smp_unet25d"
+    params = {{ encoder = "resnet18", encoder_depth = 3, decoder_channels = [16, 8, 8] }}
+    [[loss]]
+    plugin = "dice"
+    weight = 0.5
+    [[loss]]
+    plugin = "bce"
+    weight = 0.5
+    [train]
+    epochs = {epochs}
+    iterations_per_epoch = {iterations}
+    batch_size = 2
+    workers = 0
+    lr = 0.003
+    [inference]
+    overlap = 0.25
+    batch_size = 8
+"""
+
+
+def experiment(tmp_path: Path, epochs: int = 2, iterations: int = 4) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(textwrap.dedent(TINY.format(epochs=epochs, iterations=iterations)))
+    return path
+
+
+def vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], env=env, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def start_vlab(args: list[str], data: Path, runs: Path) -> subprocess.Popen:
+    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vesuvius_lab", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def only_run(runs: Path) -> Run:
+    (run,) = find_runs(runs)
+    return run
+
+
+def wait_for_epochs(run_parent: Path, epochs: int, process: subprocess.Popen, timeout: float = 300) -> Run:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = find_runs(run_parent)
+        if runs and len(runs[0].metrics()) >= epochs:
+            return runs[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    raise AssertionError("training did not reach the epoch in time")
+
+
+def test_train_records_scores_and_checkpoints(synth_data, tmp_path):
+    result = vlab(["train", str(experiment(tmp_path))], synth_data, tmp_path / "runs")
+    assert result.returncode == 0, result.stderr
+    run = only_run(tmp_path / "runs")
+    assert run.experiment == "tiny" and effective_state(run) == "finished"
+    metrics = run.metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert set(metrics[0]["loss_terms"]) == {"dice", "bce"} and metrics[0]["samples_per_s"] > 0
+    assert metrics[1]["lr"] < metrics[0]["lr"]  # poly schedule
+    summary = run.read("summary.json")
+    for key in ("score", "topo_score", "surface_dice", "voi_score"):
+        assert 0 <= summary[key] <= 1
+    assert summary["steps"]["threshold"] == pytest.approx(summary["score"])
+    scores = run.read("scores.json")
+    assert {v["id"] for v in scores["volumes"]} and all("betti" in v for v in scores["volumes"])
+    spec = run.read("spec.json")
+    assert spec["train"]["seed"] == 0 and Path(spec["data"]["root"]) == synth_data  # resolved
+    env = run.read("env.json")
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
+    assert env["world_size"] == 1 and env["device"] == "cpu"
+    for name in ("best", "last"):
+        state = checkpoint.load(run.checkpoints / f"{name}.pt")
+        assert state["model_plugin"] == "smp_unet25d"
+    assert "score" in result.stdout
+
+
+def test_sigkill_mid_epoch_then_resume_finishes(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)
+    try:
+        run = wait_for_epochs(runs, 1, process)
+        time.sleep(1.0)  # well into epoch 2
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert effective_state(run) == "killed"
+    epochs_before = len(run.metrics())
+    assert epochs_before < 3
+    resumed = vlab(["train", "--resume", str(run.path)], synth_data, runs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    assert [m["epoch"] for m in run.metrics()] == list(range(1, 4))
+    assert effective_state(run) == "finished" and "score" in run.read("summary.json")
+
+
+def test_ctrl_c_saves_and_exits_cleanly(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)
+    run = wait_for_epochs(runs, 1, process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "vlab train --resume" in stderr and "Traceback" not in stderr
+    assert effective_state(run) == "interrupted"
+    assert checkpoint.load(run.checkpoints / "last.pt")["epoch"] >= 0
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    ok = vlab(["train", str(experiment(tmp_path, epochs=1, iterations=2))], synth_data, runs)
+    assert ok.returncode == 0, ok.stderr
+    run = only_run(runs)
+    before = (run.checkpoints / "last.pt").read_bytes()
+    # An infinite weight makes the summed loss inf on the first batch of the resumed epoch.
+    spec = run.read("spec.json")
+    spec["train"]["epochs"] = 2
+    spec["loss"][0]["weight"] = 1e308
+    spec["loss"][1]["weight"] = 1e308
+    run.write("spec.json", spec)
+    result = vlab(["train", "--resume", str(run.path)], synth_data, runs)
+    assert result.returncode == 2
+    assert "The loss became inf" in result.stderr and "Traceback" not in result.stderr
+    assert (run.checkpoints / "last.pt").read_bytes() == before
+    assert effective_state(run) == "failed"
+
+
+def test_two_ddp_processes_on_the_cpu_train_and_checkpoint(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    result = vlab(["train", str(experiment(tmp_path, epochs=1, iterations=2)), "--nproc", "2"], synth_data, runs)
+    assert result.returncode == 0, result.stderr
+    run = only_run(runs)
+    assert run.read("env.json")["world_size"] == 2
+    assert "starting 2 DDP processes (gloo)" in result.stderr
+    assert checkpoint.load(run.checkpoints / "last.pt")["epoch"] == 0
+    assert json.loads((run.path / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- gradient equivalence
+
+
+def _model_and_batch():
+    from vesuvius_lab.core import registry
+
+    torch.manual_seed(0)
+    model = registry.build("models", "monai_unet", {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+                           window=(8, 16, 16), in_channels=1, out_channels=1)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(4, 1, 8, 16, 16, generator=generator)
+    label = (torch.rand(4, 1, 8, 16, 16, generator=generator) > 0.7).float()
+    return model, image, label
+
+
+def _ddp_gradients(rank: int, world_size: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vesuvius_lab.core import distributed
+    from vesuvius_lab.core.objective import build_objective
+    from vesuvius_lab.core.spec import LossTerm
+
+    distributed.init(rank, world_size, "cpu", port)
+    model, image, label = _model_and_batch()
+    ddp = DistributedDataParallel(model)
+    half = image.shape[0] // world_size
+    rows = slice(rank * half, (rank + 1) * half)
+    objective = build_objective([LossTerm(plugin="bce")])
+    loss, _ = objective(ddp(image[rows]), label[rows], torch.ones_like(label[rows], dtype=torch.bool))
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    distributed.shutdown()
+
+
+def test_gradient_of_two_ranks_with_batch_b_equals_one_rank_with_batch_2b(tmp_path):
+    from vesuvius_lab.core import distributed
+    from vesuvius_lab.core.objective import build_objective
+    from vesuvius_lab.core.spec import LossTerm
+
+    out = tmp_path / "grads.pt"
+    distributed.spawn(_ddp_gradients, 2, str(out))
+    ddp_grads = torch.load(out, weights_only=True)
+    model, image, label = _model_and_batch()
+    loss, _ = build_objective([LossTerm(plugin="bce")])(model(image), label, torch.ones_like(label, dtype=torch.bool))
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(ddp_grads[name], parameter.grad, rtol=1e-4, atol=1e-6), name
