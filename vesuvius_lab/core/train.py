@@ -147,12 +147,14 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     distributed.init(rank, world_size, device, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        _Trainer(setup, rank, world_size, device).fit()
+        Trainer(setup, rank, world_size, device).fit()
     finally:
         distributed.shutdown()
 
 
-class _Trainer:
+class Trainer:
+    """One rank's training: model, objective, optimizer, schedule, AMP; epochs, validation, checkpoints."""
+
     def __init__(self, setup: Setup, rank: int, world_size: int, device: str):
         from vesuvius_lab.core.objective import build_objective
 
@@ -247,29 +249,10 @@ class _Trainer:
         self.stream.set_epoch(epoch)
         sums: dict[str, float] = {}
         count, started = 0, time.time()
-        ignore = self.spec.data.ignore_label
         with _progress(self.rank == 0, f"epoch {epoch + 1}/{spec.epochs}", spec.iterations_per_epoch) as advance:
             for index, (image, label) in enumerate(loader):
-                image = image.to(self.device, non_blocking=True)
-                label = label.to(self.device, non_blocking=True)
-                valid = label != ignore if ignore is not None else torch.ones_like(label, dtype=torch.bool)
-                target = (label == 1).float()
                 last_of_step = (index + 1) % spec.grad_accum == 0 or index + 1 == spec.iterations_per_epoch
-                sync = nullcontext() if last_of_step or self.world_size == 1 else self.ddp_model.no_sync()
-                with sync:
-                    with _autocast(self.device, self.amp_dtype):
-                        logits = self.ddp_model(image)
-                        loss, terms = self.objective(logits, target, valid)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"The loss became {loss.item()} at epoch {epoch + 1}, iteration {index + 1} "
-                            f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}). The last good "
-                            f"checkpoint is kept in {self.run.checkpoints}. Lower train.lr, enable grad_clip, "
-                            "or turn AMP off, then start again (or resume).")
-                    self.scaler.scale(loss / spec.grad_accum).backward()
-                if last_of_step:
-                    self._optimizer_step()
-                loss = loss.detach()
+                loss, terms = self.train_step(image, label, step=last_of_step, where=(epoch, index))
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
                 count += 1
@@ -280,6 +263,31 @@ class _Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "samples_per_s": count * spec.batch_size * self.world_size / max(elapsed, 1e-9),
                 "time_s": elapsed}
+
+    def train_step(self, image: torch.Tensor, label: torch.Tensor, *, step: bool = True,
+                   where: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict]:
+        """Forward and backward one batch (and step the optimizer when ``step``); detached loss and terms."""
+        image = image.to(self.device, non_blocking=True)
+        label = label.to(self.device, non_blocking=True)
+        ignore = self.spec.data.ignore_label
+        valid = label != ignore if ignore is not None else torch.ones_like(label, dtype=torch.bool)
+        target = (label == 1).float()
+        sync = nullcontext() if step or self.world_size == 1 else self.ddp_model.no_sync()
+        with sync:
+            with _autocast(self.device, self.amp_dtype):
+                logits = self.ddp_model(image)
+                loss, terms = self.objective(logits, target, valid)
+            if not torch.isfinite(loss):
+                epoch, index = where
+                raise NonFiniteLoss(
+                    f"The loss became {loss.item()} at epoch {epoch + 1}, iteration {index + 1} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())}). The last good "
+                    f"checkpoint is kept in {self.run.checkpoints}. Lower train.lr, enable grad_clip, "
+                    "or turn AMP off, then start again (or resume).")
+            self.scaler.scale(loss / self.spec.train.grad_accum).backward()
+        if step:
+            self._optimizer_step()
+        return loss.detach(), terms
 
     def _optimizer_step(self) -> None:
         clip = self.spec.train.grad_clip
