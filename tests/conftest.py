@@ -16,3 +16,37 @@ def synth_data(tmp_path_factory) -> Path:
     from vesuvius_lab.core.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synth") / "data", progress=False, **SYNTH)
+
+
+TINY_EXPERIMENT = """
+name = "tiny"
+[data]
+window = [8, 32, 32]
+folds = 3
+[model]
+plugin = "smp_unet25d"
+params = { encoder = "resnet18", encoder_depth = 3, decoder_channels = [16, 8, 8] }
+[train]
+epochs = 1
+iterations_per_epoch = 2
+batch_size = 2
+workers = 0
+[inference]
+overlap = 0.25
+batch_size = 8
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_data, tmp_path_factory) -> Path:
+    """A finished run of a tiny 2.5D UNet on ``synth_data`` (1 epoch, 2 iterations), for prediction tests.
+    Session-shared: do not change it."""
+    from vesuvius_lab.core.experiment import load_experiment
+    from vesuvius_lab.core.project import load_project
+    from vesuvius_lab.core.train import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    (root / "tiny.toml").write_text(TINY_EXPERIMENT)
+    (root / "vesuvius.toml").write_text(f'data_root = "{synth_data}"\nruns_dir = "runs"\ndevice = "cpu"\n')
+    project = load_project(root / "vesuvius.toml")
+    return train(load_experiment(root / "tiny.toml"), project).path

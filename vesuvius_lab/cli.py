@@ -6,6 +6,7 @@ Heavy libraries (torch, MONAI, nnU-Net) are imported inside the commands that ne
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -57,13 +58,13 @@ def cli(ctx: click.Context, project_file, data, runs, device):
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="Print problems only.")
 def validate(files, overrides, quiet):
-    """Check experiment files: every problem of every file, with file, line and key path."""
-    from vesuvius_lab.core.experiment import validate_files
+    """Check experiment files: every problem of every file (and of every [sweep] combination), with file, line and key path."""
+    from vesuvius_lab.core.sweep import expand_files
 
-    loaded, problems = validate_files(list(files), list(overrides))
+    loaded, problems = expand_files(list(files), list(overrides))
     if not quiet:
         for item in loaded:
-            out.print(f"[green]ok[/]  {item.file}  ({item.spec.name}: model {item.spec.model.plugin})")
+            out.print(f"[green]ok[/]  {item.file}  ({item.spec.name}: model {_escape(item.spec.model_label)})")
     if problems:
         for problem in problems:
             err.print(f"[bold red]error[/] {_escape(str(problem))}")
@@ -85,6 +86,140 @@ def schema(output):
         err.print(f"wrote {output}")
     else:
         click.echo(text)
+
+
+# --------------------------------------------------------------------------- training and prediction
+
+
+@cli.command()
+@click.argument("experiment", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--fold", type=int, help="Validation fold (same as --set data.fold=K).")
+@click.option("--nproc", type=int, help="DDP processes on this machine (beats train.nproc).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
+@click.pass_obj
+def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
+    """Train an experiment (one fold), validate it with the competition score, record the run."""
+    from vesuvius_lab.core.experiment import load_experiment
+    from vesuvius_lab.core.train import train as run_training
+
+    if bool(experiment) == bool(resume):
+        raise UserError("Give either an experiment file to start a run or --resume RUN_DIR to continue one.")
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc {nproc}: give at least 1 process.")
+    overrides = list(overrides) + ([f"data.fold={fold}"] if fold is not None else [])
+    loaded = load_experiment(experiment, overrides) if experiment else None
+    if loaded is not None and loaded.spec.ensemble is not None:
+        raise UserError(f"{experiment}: an [ensemble] combines runs that are trained already; build it with "
+                        f"`vlab ensemble {experiment}`.")
+    run = run_training(loaded, obj.project(), nproc=nproc, resume=Path(resume) if resume else None)
+    summary = run.read("summary.json", {})
+    if "score" in summary:
+        out.print(f"[bold]{run.experiment}[/] fold {summary.get('fold')}: score [bold]{summary['score']:.4f}[/] "
+                  f"(TopoScore {summary['topo_score']:.4f}, SurfaceDice {summary['surface_dice']:.4f}, "
+                  f"VOI {summary['voi_score']:.4f})")
+    out.print(f"run: {run.path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--input", "-i", "source", required=True, type=click.Path(), help="A .tif volume or a folder of them.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for <id>.tif masks.")
+@click.option("--probabilities", is_flag=True, help="Also write <id>_prob.tif float16 probabilities.")
+@click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
+@click.pass_obj
+def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides):
+    """Predict volumes with a trained run: masks after the run's post-processing chain."""
+    from vesuvius_lab.core.predict import input_volumes, load_run, predict_files
+
+    volumes = input_volumes(Path(source))
+    predictor = load_run(Path(run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
+    with _volume_progress(len(volumes), "predicting") as advance:
+        for volume_id in predict_files(predictor, volumes, Path(output), probabilities=probabilities):
+            advance(volume_id)
+    out.print(f"wrote {len(volumes)} mask(s) to {output}")
+
+
+@cli.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.pass_obj
+def ensemble(obj: ProjectContext, experiment, overrides):
+    """Combine trained runs (folds, models, backends) as an [ensemble] file says; score and record it as a run.
+
+    \b
+    Each member run predicts a volume once (cached in its run folder), so re-weighting or
+    adding a member predicts only what is new. Scored out-of-fold: for each training volume,
+    each member contributes its run that did not train on it. `vlab predict` and `vlab submit`
+    take the ensemble's run folder like any run's.
+    """
+    from vesuvius_lab.core.ensemble import build_ensemble
+    from vesuvius_lab.core.experiment import load_experiment
+
+    loaded = load_experiment(experiment, list(overrides))
+    run = build_ensemble(loaded, obj.project(), device=_device(obj))
+    summary = run.read("summary.json", {})
+    if "score" in summary:
+        out.print(f"[bold]{_escape(run.experiment)}[/] ({_escape(loaded.spec.model_label)}): score "
+                  f"[bold]{summary['score']:.4f}[/] (TopoScore {summary['topo_score']:.4f}, SurfaceDice "
+                  f"{summary['surface_dice']:.4f}, VOI {summary['voi_score']:.4f})")
+    out.print(f"run: {run.path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--input", "-i", "source", required=True, type=click.Path(), help="The test_images folder.")
+@click.option("--output", "-o", default="submission.zip", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
+@click.pass_obj
+def submit(obj: ProjectContext, run_dir, source, output, overrides):
+    """Write the competition's submission.zip (<id>.tif, uint8, each input's shape)."""
+    from vesuvius_lab.core.predict import input_volumes, load_run, write_submission
+
+    volumes = input_volumes(Path(source))
+    predictor = load_run(Path(run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
+    with _volume_progress(len(volumes), "submission") as advance:
+        for volume_id in write_submission(predictor, volumes, Path(output)):
+            advance(volume_id)
+    out.print(f"wrote {output} ({len(volumes)} volumes)")
+
+
+def _device(obj: ProjectContext) -> str:
+    from vesuvius_lab.core.train import resolve_device
+
+    return resolve_device(obj.project().settings.device)
+
+
+def _inference_overrides(overrides) -> dict:
+    from vesuvius_lab.core.experiment import parse_override
+
+    parsed = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        keys = keys[1:] if keys[0] == "inference" else keys
+        if len(keys) != 1:
+            raise UserError(f"--set {text}: only [inference] keys can be changed at prediction time, "
+                            "e.g. --set inference.tta=['flip0'] or --set overlap=0.25.")
+        parsed[keys[0]] = value
+    return parsed
+
+
+class _volume_progress:
+    """A progress bar over volumes, on stderr."""
+
+    def __init__(self, total: int, description: str):
+        self.total, self.description = total, description
+
+    def __enter__(self):
+        from rich.progress import Progress
+
+        self.progress = Progress(console=err, transient=True)
+        self.progress.start()
+        task = self.progress.add_task(self.description, total=self.total)
+        return lambda volume_id: self.progress.update(task, advance=1, description=f"{self.description} {volume_id}")
+
+    def __exit__(self, *exc):
+        self.progress.stop()
 
 
 # --------------------------------------------------------------------------- plugins
@@ -142,6 +277,206 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+# --------------------------------------------------------------------------- post-processing
+
+
+@cli.command()
+@click.argument("experiment", type=click.Path(dir_okay=False))
+@click.option("--input", "-i", "input_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of prediction TIFFs: float probabilities in [0, 1], or uint8 0/1 masks.")
+@click.option("--output", "-o", "output_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the uint8 0/1 masks (same file names).")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--uint8-probabilities", is_flag=True,
+              help="Read uint8 files as probabilities scaled to 0-255 (p = value/255), not as 0/1 masks.")
+@click.pass_obj
+def postprocess(obj: ProjectContext, experiment, input_dir, output_dir, overrides, uint8_probabilities):
+    """Apply an experiment's [[postprocess]] chain to prediction TIFFs, writing uint8 masks."""
+    from vesuvius_lab.core.experiment import load_experiment
+    from vesuvius_lab.core.postprocess import build_chain, postprocess_folder
+
+    project = obj.project()
+    spec = load_experiment(experiment, list(overrides)).spec
+    chain = build_chain(spec.postprocess, threshold=spec.inference.threshold,
+                        device=project.settings.device, runs_dir=project.runs_dir)
+    written = postprocess_folder(chain, Path(input_dir), Path(output_dir), uint8_probabilities=uint8_probabilities)
+    steps = " -> ".join(step.label for step in chain.steps) or "no steps"
+    out.print(f"wrote {len(written)} mask(s) to {output_dir} ({steps}; threshold {spec.inference.threshold})")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@cli.group()
+def data():
+    """Make demo data and check a data folder."""
+
+
+@data.command("synth")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder to write (default: the project's data root).")
+@click.option("--n", "n", type=click.IntRange(min=1), default=8, show_default=True, help="Training volumes.")
+@click.option("--shape", type=click.IntRange(min=4), nargs=3, default=(64, 128, 128), show_default=True,
+              metavar="D H W", help="Volume shape.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same files.")
+@click.option("--scrolls", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Scrolls the training volumes are spread over.")
+@click.option("--test", "n_test", type=click.IntRange(min=1), default=2, show_default=True, help="Test volumes.")
+@click.pass_obj
+def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test):
+    """Write a synthetic scroll dataset in the competition layout (images, labels, csv files)."""
+    from vesuvius_lab.core.synthetic import write_dataset
+
+    target = Path(out_dir) if out_dir else obj.project().data_root
+    write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test)
+    out.print(f"wrote {n} training and {n_test} test volume(s) of {'x'.join(map(str, shape))} over "
+              f"{scrolls} scroll(s) to {_escape(str(target))}")
+
+
+@data.command("check")
+@click.argument("root", required=False, type=click.Path(file_okay=False))
+@click.pass_obj
+def data_check(obj: ProjectContext, root):
+    """Check a data folder (default: the project's data root) and report every problem at once."""
+    from vesuvius_lab.core.data import check_dataset
+
+    report = check_dataset(Path(root) if root else obj.project().data_root)
+    if not report.ok:
+        for problem in report.problems:
+            err.print(f"[bold red]error[/] {_escape(problem)}")
+        err.print(f"{len(report.problems)} problem(s) in {_escape(str(report.root))}.")
+        sys.exit(2)
+    summary = report.summary
+    table = Table(title=f"{report.root}: ok", title_justify="left", show_header=False)
+    table.add_row("training volumes", str(summary.train))
+    table.add_row("test volumes", str(summary.test))
+    table.add_row("scrolls", ", ".join(f"{s} ({c})" for s, c in sorted(summary.scrolls.items())))
+    table.add_row("shapes", ", ".join(f"{'x'.join(map(str, s))} ({c})" for s, c in summary.shapes.most_common()))
+    fractions = summary.label_fractions
+    table.add_row("label voxels", f"0: {fractions[0]:.1%}  1 surface: {fractions[1]:.1%}  2 unlabeled: {fractions[2]:.1%}")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- runs and the leaderboard
+
+
+@cli.command()
+@click.argument("runs_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--runs", "per_run", is_flag=True, help="One row per run instead of one per experiment.")
+@click.option("--sort", help="Column or spec key to order by, best first (default: score), e.g. wall_time, train.lr.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY OP VALUE",
+              help="Keep rows where it holds, e.g. score>0.5, model=smp_*, train.lr<=1e-3; repeat: all must hold.")
+@click.option("--top", type=click.IntRange(min=1), help="Only the first N rows.")
+@click.option("--baseline", help="Experiment (or run id) that Δ is measured against (default: the best row).")
+@click.option("--md", "fmt", flag_value="md", help="Print Markdown.")
+@click.option("--csv", "fmt", flag_value="csv", help="Print CSV (raw numbers; warnings on stderr).")
+@click.option("--json", "fmt", flag_value="json", help="Print JSON (rows and warnings).")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Also write the table to this HTML file.")
+@click.pass_obj
+def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, baseline, fmt, html_file):
+    """Rank experiments by score, folds aggregated (mean ± std, n), and show what differs between them.
+
+    \b
+    Columns: plugins, score and its parts, Δ to the best (or --baseline), epochs, wall time,
+    parameters, git commit, then every setting that differs between the rows shown. Failed,
+    killed, unfinished runs and experiments with missing folds are listed below the table.
+    \b
+    --filter KEY OP VALUE (several: all must hold); KEY is a column (score, topo, dice, voi,
+    model, loss, blend, postprocess, experiment, epochs, wall_time, params) or a spec key
+    (train.lr, model.params.encoder). OP: = and != (numbers, or text with * ? patterns),
+    > >= < <= (numbers), ~ (text contains, any case).
+    """
+    from vesuvius_lab.core.files import write_text_atomic
+    from vesuvius_lab.core.leaderboard_view import html_page, print_leaderboard
+    from vesuvius_lab.core.report import build_leaderboard
+
+    board = build_leaderboard(Path(runs_dir) if runs_dir else obj.project().runs_dir, per_run=per_run, sort=sort,
+                              filters=filters, top=top, baseline=baseline)
+    print_leaderboard(board, out, err, fmt)
+    if html_file:
+        write_text_atomic(Path(html_file), html_page(board))
+        err.print(f"wrote {_escape(html_file)}")
+
+
+@cli.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.pass_obj
+def compare(obj: ProjectContext, run_a, run_b):
+    """Compare two runs (folders, or <experiment>/<run-id> in the runs dir): settings and per-volume scores."""
+    from vesuvius_lab.core.compare import compare_runs, tables
+    from vesuvius_lab.core.run_records import resolve_run
+
+    runs_dir = obj.project().runs_dir
+    for table in tables(compare_runs(resolve_run(run_a, runs_dir), resolve_run(run_b, runs_dir))):
+        out.print(table)
+
+
+@cli.command()
+@click.argument("run_dir")
+@click.option("--output", "-o", type=click.Path(file_okay=False), help="Folder for the pictures (default: RUN/report).")
+@click.option("--volumes", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Validation volumes to picture, spread from the worst to the best score.")
+@click.pass_obj
+def report(obj: ProjectContext, run_dir, output, volumes):
+    """Pictures of a run: validation slices with errors coloured, training curves, and an index.html."""
+    import os
+
+    from vesuvius_lab.core.run_records import resolve_run
+    from vesuvius_lab.core.run_report import write_report
+
+    project = obj.project()
+    run = resolve_run(run_dir, project.runs_dir)
+    data_root = os.environ.get("VLAB_DATA")  # --data or the environment; otherwise the run's own data root
+    files = write_report(run, Path(output) if output else run.path / "report", device=_device(obj),
+                         data_root=Path(data_root) if data_root else None, volumes=volumes)
+    out.print(f"wrote {len(files.volumes)} volume picture(s) and training curves; open {_escape(str(files.index))}")
+
+
+@cli.command("run")
+@click.argument("experiments", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--folds", help="Folds to train: all, or e.g. 0,1,2 (default: each experiment's data.fold).")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--nproc", type=click.IntRange(min=1), help="DDP processes on this machine (beats train.nproc).")
+@click.option("--force", is_flag=True, help="Train even when a finished run with the same spec exists.")
+@click.pass_obj
+def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
+    """Train and evaluate several experiments ([sweep]s expanded) and folds in turn, then rank them.
+
+    A finished run with the same name, fold and resolved spec is skipped. A failure is reported
+    and the other runs go on; the exit status is 2 if anything failed.
+    """
+    from vesuvius_lab.core.batch import parse_folds, plan, run_jobs
+    from vesuvius_lab.core.leaderboard_view import print_leaderboard
+    from vesuvius_lab.core.report import build_leaderboard
+
+    project = obj.project()
+    jobs, problems = plan(list(experiments), project, overrides=list(overrides), folds=parse_folds(folds), nproc=nproc)
+    for problem in problems:
+        err.print(f"[bold red]error[/] {_escape(str(problem))}")
+    err.print(f"{len(jobs)} run(s) planned" + (f"; {len(problems)} problem(s) above are skipped" if problems else ""))
+
+    def started(position: int, job) -> None:
+        err.print(f"[bold]\\[{position + 1}/{len(jobs)}] {_escape(job.label)}[/]")
+
+    def done(outcome) -> None:
+        where = f" ({_escape(str(outcome.run.path))})" if outcome.run else ""
+        if outcome.status == "failed":
+            err.print(f"[bold red]failed[/] {_escape(outcome.job.label)}: {_escape(outcome.error or '')}{where}")
+        elif outcome.status == "skipped":
+            err.print(f"[dim]skipped {_escape(outcome.job.label)}: finished already{where}[/]")
+
+    outcomes = run_jobs(jobs, project, force=force, on_start=started, on_done=done)
+    if project.runs_dir.is_dir():
+        names = list(dict.fromkeys(job.spec.name for job in jobs))
+        print_leaderboard(build_leaderboard(project.runs_dir, experiments=names), out, err)
+    failed = [o for o in outcomes if o.status == "failed"]
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("trained", "skipped", "failed")}
+    err.print(", ".join(f"{n} {status}" for status, n in counts.items()))
+    if failed or problems:
+        sys.exit(2)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -161,3 +496,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[bold red]error:[/] {_escape(where)}no space left to write ({exc.strerror}). Files are written "
+                  "to a temporary name and renamed when complete, so nothing half-written was left behind. "
+                  "Free some space (or point --runs / --output elsewhere) and run the command again.")
+        sys.exit(2)

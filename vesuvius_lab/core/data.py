@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ Split = Literal["train", "test"]
 GroupBy = Literal["scroll_id", "id"]
 LABEL_VALUES = (0, 1, 2)
 SUFFIX = ".tif"
+#: Volume ids become file names: nothing that could climb out of a folder.
+SAFE_ID = re.compile(r"(?!\.\.?$)[A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------- the csv index
@@ -68,6 +71,9 @@ def read_index(path: Path, *, require_scroll: bool = True) -> tuple[dict[str, st
             if not volume_id or (require_scroll and not scroll):
                 problems.append(f"{path}: line {line} has an empty {'id' if not volume_id else 'scroll_id'}. "
                                 "Fill it in or delete the row.")
+            elif not SAFE_ID.fullmatch(volume_id):
+                problems.append(f"{path}: line {line} has the id {volume_id!r}; ids name files, so they may only "
+                                "hold letters, digits, '.', '_' and '-' (no slashes, no '..'). Rename the volume.")
             elif volume_id in rows:
                 problems.append(f"{path}: line {line} repeats the id {volume_id}. Keep one row per volume.")
             else:

@@ -81,8 +81,20 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+class RankFailed(RuntimeError):
+    """A spawned rank exited with an error; the others were terminated."""
+
+    def __init__(self, message: str, exit_code: int | None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     """Run ``fn(rank, nproc, port, *args)`` in ``nproc`` processes; one failing stops them all."""
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=True)
+    try:
+        mp.spawn(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=True)
+    except mp.ProcessExitedException as exc:
+        raise RankFailed(f"rank {exc.error_index} exited with status {exc.exit_code}; the other ranks were "
+                         "stopped", exc.exit_code) from exc

@@ -99,7 +99,11 @@ def train(loaded: LoadedExperiment | None, project: Project, *, nproc: int | Non
             if device == "cuda" and torch.cuda.device_count() < world_size:
                 raise UserError(f"nproc = {world_size}, but only {torch.cuda.device_count()} CUDA devices are visible.")
             _log(run, f"starting {world_size} DDP processes ({'nccl' if device == 'cuda' else 'gloo'})")
-            distributed.spawn(_rank_main, world_size, setup)
+            try:
+                distributed.spawn(_rank_main, world_size, setup)
+            except distributed.RankFailed as exc:
+                error = (run.read("status.json") or {}).get("error")
+                raise UserError(error) if error and exc.exit_code == 2 else exc
         else:
             _rank_main(0, 1, None, setup)
     except KeyboardInterrupt:
@@ -148,6 +152,13 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         Trainer(setup, rank, world_size, device).fit()
+    except UserError as exc:
+        if world_size == 1:
+            raise
+        # A spawned rank cannot hand its exception to the parent: record it, exit with status 2.
+        if rank == 0:
+            Run(setup.run_path).set_status("failed", error=str(exc))
+        raise SystemExit(2)
     finally:
         distributed.shutdown()
 

@@ -1,0 +1,85 @@
+"""`vlab predict` and `vlab submit` on a trained run, and their answers to bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from vesuvius_lab.core.tiff import read_tiff, read_volume, write_volume
+
+
+def vlab(args: list[str], cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=cwd, **kwargs)
+
+
+def test_predict_writes_masks_and_probabilities_of_each_input_shape(tiny_run, synth_data, tmp_path):
+    out = tmp_path / "pred"
+    result = vlab(["predict", str(tiny_run), "--input", str(synth_data / "test_images"), "--output", str(out),
+                   "--probabilities"])
+    assert result.returncode == 0, result.stderr
+    for image_path in sorted((synth_data / "test_images").glob("*.tif")):
+        mask = read_volume(out / image_path.name)
+        assert mask.shape == read_volume(image_path).shape and set(np.unique(mask)) <= {0, 1}
+        probabilities = read_tiff(out / f"{image_path.stem}_prob.tif")
+        assert probabilities.dtype == np.float16 and probabilities.shape == mask.shape
+        assert 0 <= probabilities.min() and probabilities.max() <= 1
+        # The mask is the run's chain applied to those probabilities (here: the threshold alone),
+        # except where float16 rounding lands on the other side of the threshold.
+        decided = np.abs(probabilities.astype(np.float32) - 0.5) > 1e-3
+        assert decided.mean() > 0.5
+        assert np.array_equal(mask[decided], (probabilities[decided] > 0.5).astype(np.uint8))
+
+
+def test_submit_writes_the_competition_zip(tiny_run, synth_data, tmp_path):
+    zip_path = tmp_path / "submission.zip"
+    result = vlab(["submit", str(tiny_run), "--input", str(synth_data / "test_images"), "--output", str(zip_path)])
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(archive.namelist())
+        assert names == sorted(p.name for p in (synth_data / "test_images").glob("*.tif"))
+        for name in names:
+            mask = tifffile.imread(io.BytesIO(archive.read(name)))
+            assert mask.dtype == np.uint8 and mask.shape == read_volume(synth_data / "test_images" / name).shape
+
+
+def test_tta_override_at_prediction_time(tiny_run, synth_data, tmp_path):
+    result = vlab(["predict", str(tiny_run), "--input", str(next((synth_data / "test_images").glob("*.tif"))),
+                   "--output", str(tmp_path / "tta"), "--set", "inference.tta=['flip0', 'flip2']"])
+    assert result.returncode == 0, result.stderr
+    bad = vlab(["predict", str(tiny_run), "--input", str(synth_data / "test_images"), "--output",
+                str(tmp_path / "x"), "--set", "train.epochs=3"])
+    assert bad.returncode == 2 and "only [inference] keys" in bad.stderr
+
+
+@pytest.mark.parametrize("case", ["missing run", "2D volume", "smaller than every window", "not a folder"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_run, tmp_path):
+    run, source = tiny_run, tmp_path / "in"
+    source.mkdir()
+    if case == "missing run":
+        run = tmp_path / "no-such-run"
+        write_volume(source / "a.tif", np.zeros((8, 32, 32), np.uint8))
+        expected = "not a run directory"
+    elif case == "2D volume":
+        tifffile.imwrite(source / "a.tif", np.zeros((32, 32), np.uint8))
+        expected = "expected a 3D volume"
+    elif case == "smaller than every window":
+        write_volume(source / "a.tif", np.zeros((4, 16, 16), np.uint8))
+        expected = "smaller than the window"
+    else:
+        source = tmp_path / "nowhere"
+        expected = "no such file or folder"
+    out = tmp_path / "out"
+    result = vlab(["predict", str(run), "--input", str(source), "--output", str(out)])
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
