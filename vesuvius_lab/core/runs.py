@@ -37,7 +37,7 @@ from vesuvius_lab.core.files import write_json_atomic
 PACKAGES = ("vesuvius-lab", "torch", "monai", "segmentation-models-pytorch", "nnunetv2", "numpy")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Run:
     """A run directory and accessors for its records."""
 
