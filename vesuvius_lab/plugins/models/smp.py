@@ -1,0 +1,233 @@
+"""2.5D models from segmentation-models-pytorch: a 2D UNet / UNet++ reading a window's D slices as
+D input channels and predicting D output channels per class (wrapped by :class:`Depth2D`).
+
+Weights are never downloaded: ``encoder_weights`` is None (random initialisation) or the path of
+a local file holding the encoder's state dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.registry import plugin
+from vesuvius_lab.core.windows import spec_windows, window_problems
+
+#: Key prefixes of ImageNet classifier heads, which a segmentation encoder does not have.
+CLASSIFIER_HEADS = ("fc.", "_fc.", "classifier.", "head.", "last_linear.")
+
+#: SMP's default decoder widths for a depth-5 encoder; shallower encoders use the last ones.
+DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+class SmpParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = Field("resnet18", description="SMP encoder name (e.g. resnet34, efficientnet-b0, mit_b0, tu-<timm name>).")
+    depth: int | None = Field(None, ge=1, description="Slices per window (input channels); None = data.window's first side.")
+    encoder_depth: int = Field(5, ge=2, le=5, description="Encoder stages (2-5); H and W must be multiples of 2**encoder_depth.")
+    decoder_channels: tuple[int, ...] | None = Field(
+        None, description=f"One width per decoder stage; None = the last encoder_depth of {list(DEFAULT_DECODER_CHANNELS)}.")
+    decoder_attention_type: Literal["scse"] | None = Field(
+        None, description='"scse" adds squeeze-and-excitation attention to every decoder block.')
+    encoder_weights: str | None = Field(
+        None, description="Path of a local file with the encoder's state dict (never downloaded); None = random init.")
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _a_path(cls, value: str | None) -> str | None:
+        if value is not None and value.lower() in {"imagenet", "ssl", "swsl", "instagram", "noisy-student", "advprop"}:
+            raise ValueError(
+                f'"{value}" names weights that would be downloaded; vesuvius-lab never downloads. '
+                "Save the encoder's state dict to a file once and give its path, or leave encoder_weights unset.")
+        return value
+
+    @model_validator(mode="after")
+    def _decoder_matches_encoder(self):
+        if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(f"decoder_channels has {len(self.decoder_channels)} entries but encoder_depth is "
+                             f"{self.encoder_depth}; give one width per encoder stage")
+        return self
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        return self.decoder_channels or DEFAULT_DECODER_CHANNELS[-self.encoder_depth:]
+
+
+def check_smp(params: SmpParams, spec: Any) -> Iterator[tuple[str, str]]:
+    """The slice count must match both windows; H and W must survive the encoder's downsampling."""
+    train_depth = spec.data.window[0]
+    if params.depth is not None and params.depth != train_depth:
+        yield "depth", (f"depth = {params.depth} but data.window = {list(spec.data.window)} has {train_depth} "
+                        f"slices; a 2.5D model reads every slice of a window as one channel. Remove depth "
+                        f"or make it equal to data.window's first side.")
+    if spec.inference.window is not None and spec.inference.window[0] != train_depth:
+        yield "", (f"inference.window = {list(spec.inference.window)} has {spec.inference.window[0]} slices "
+                   f"but the 2.5D model is trained on {train_depth} (data.window); its depth is fixed, so "
+                   f"set inference.window's first side to {train_depth}.")
+    stride = 2 ** params.encoder_depth
+    for message in window_problems(spec_windows(spec), (1, stride, stride),
+                                   network=f"a 2D encoder of depth {params.encoder_depth}"):
+        yield "", message
+    if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
+        yield "encoder_weights", (f'no file "{params.encoder_weights}" (relative paths are relative to the '
+                                  "working directory). Give the path of a saved encoder state dict.")
+
+
+def _build(architecture: str, params: SmpParams, window, in_channels: int, out_channels: int):
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from vesuvius_lab.core.models import Depth2D
+
+    if in_channels != 1:
+        raise UserError(f"2.5D SMP models read single-channel CT windows; got in_channels={in_channels}.")
+    depth = params.depth or int(window[0])
+    _check_encoder_name(params.encoder)
+    try:
+        net = getattr(smp, architecture)(
+            encoder_name=params.encoder,
+            encoder_depth=params.encoder_depth,
+            encoder_weights=None,
+            decoder_channels=params.decoder_widths,
+            decoder_attention_type=params.decoder_attention_type,
+            in_channels=depth,
+            classes=depth * out_channels,
+        )
+    except ValueError as exc:  # e.g. an encoder this architecture does not support
+        raise UserError(f"model.params: segmentation-models-pytorch cannot build {architecture} with these "
+                        f"params: {exc}. Choose another encoder or architecture.") from None
+    pruned = prune_unused_modules(net, torch.zeros(1, depth, 64, 64))
+    if params.encoder_weights is not None:
+        encoder_pruned = tuple(name.removeprefix("encoder.") + "." for name in pruned if name.startswith("encoder."))
+        load_encoder_weights(net.encoder, params.encoder_weights, ignore=encoder_pruned)
+    return Depth2D(net, depth, out_channels)
+
+
+def prune_unused_modules(net, example) -> list[str]:
+    """Replace the submodules whose parameters never get a gradient with :class:`Pruned`
+    (parameter-free, passes its input on); return their names.
+
+    An SMP encoder built with encoder_depth < 5 keeps its deeper stages (e.g. ResNet's layer4,
+    two thirds of its weights; EfficientNet even runs some of them and drops the result): they
+    would be saved, counted, and break DistributedDataParallel, which requires every parameter
+    to receive a gradient. One backward pass through a copy of ``net`` shows which parameters
+    matter; the copy keeps ``net`` itself untouched and lets this work under no_grad or
+    inference_mode too, so a model is pruned the same way for training and for prediction.
+    """
+    import copy
+
+    import torch
+
+    from vesuvius_lab.core.models import Pruned
+
+    with torch.inference_mode(False), torch.enable_grad():
+        probe = copy.deepcopy(net).eval()  # eval: BatchNorm statistics stay as they are
+        probe(example.clone()).sum().backward()
+    unused = []
+
+    def visit(module, probe_module, prefix: str) -> None:
+        for (name, child), probe_child in zip(list(module.named_children()), probe_module.children()):
+            grads = [p.grad for p in probe_child.parameters()]
+            if grads and all(g is None for g in grads):
+                setattr(module, name, Pruned())
+                unused.append(prefix + name)
+            elif any(g is None for g in grads):
+                visit(child, probe_child, f"{prefix}{name}.")
+
+    visit(net, probe, "")
+    return unused
+
+
+def _check_encoder_name(name: str) -> None:
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    from vesuvius_lab.core.registry import suggest
+
+    if name.startswith("tu-"):
+        import timm
+
+        if timm.list_models(name[3:]):
+            return
+        raise UserError(f'model.params.encoder "{name}": timm has no model "{name[3:]}". '
+                        "See timm.list_models() for the names it knows.")
+    known = get_encoder_names()
+    if name not in known:
+        raise UserError(f'model.params.encoder "{name}" is not an SMP encoder.{suggest(name, known)} '
+                        'Use one of segmentation_models_pytorch.encoders.get_encoder_names(), or "tu-<timm model>".')
+
+
+def load_encoder_weights(encoder, path: str | Path, ignore: tuple[str, ...] = ()) -> None:
+    """Load a local state dict into an SMP encoder.
+
+    Accepts the encoder's own state dict, a whole SMP or vesuvius-lab model's (its encoder
+    entries are used), or a checkpoint dict holding either under ``state_dict`` / ``model``.
+    Classifier-head entries are ignored. A first convolution saved for another number of input
+    channels (e.g. 3 for RGB ImageNet weights) is adapted: its kernel is summed over the input
+    channels and shared evenly by the D slices, so a window of identical slices gives the response
+    the original gave to a grey image. Entries under the ``ignore`` prefixes (stages that were
+    pruned as unused) are skipped.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f'encoder_weights: no file "{path}". Give the path of a saved encoder state dict.') from None
+    except Exception as exc:
+        raise UserError(f'encoder_weights: "{path}" is not a readable torch state dict ({type(exc).__name__}: '
+                        f"{exc}). Save it with torch.save(model.encoder.state_dict(), path).") from None
+    state = {key: value for key, value in _unwrap_state_dict(loaded, path).items() if not key.startswith(ignore)}
+    own = encoder.state_dict()
+    first_conv = next(key for key, value in own.items() if value.ndim == 4)
+    for key, value in list(state.items()):
+        if key in own and value.shape != own[key].shape:
+            if key != first_conv:
+                raise UserError(f'encoder_weights: "{path}" entry {key} has shape {tuple(value.shape)} but the '
+                                f"encoder needs {tuple(own[key].shape)}. Save the state dict of the same encoder.")
+            state[key] = _adapt_first_conv(key, value, own[key].shape, path)
+    missing = [key for key in own if key not in state]
+    extra = [key for key in state if key not in own and not key.startswith(CLASSIFIER_HEADS)]
+    if missing or extra:
+        raise UserError(
+            f'encoder_weights: "{path}" does not fit this encoder: {len(missing)} of its {len(own)} entries '
+            f"are missing and {len(extra)} in the file are unknown to it (e.g. {', '.join((missing + extra)[:3])}). "
+            "Save the state dict of the same encoder (model.encoder.state_dict()).")
+    encoder.load_state_dict({key: state[key] for key in own}, strict=True)
+
+
+def _unwrap_state_dict(loaded: Any, path: Path) -> dict:
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict):
+        raise UserError(f'encoder_weights: "{path}" holds a {type(loaded).__name__}, not a state dict.')
+    # DDP ("module.") and Depth2D ("net2d.") wrappers prefix the keys of a whole trained model.
+    state = {key.removeprefix("module.").removeprefix("net2d."): value for key, value in loaded.items()}
+    if any(key.startswith("encoder.") for key in state):
+        state = {key.removeprefix("encoder."): value for key, value in state.items() if key.startswith("encoder.")}
+    return state
+
+
+def _adapt_first_conv(key: str, weight, shape, path: Path):
+    """A first-conv kernel saved for another number of input channels, spread evenly over ``shape[1]``."""
+    if weight.ndim != 4 or weight.shape[0] != shape[0] or weight.shape[2:] != shape[2:]:
+        raise UserError(f'encoder_weights: "{path}" entry {key} has shape {tuple(weight.shape)} but the encoder '
+                        f"needs {tuple(shape)}. Save the state dict of the same encoder.")
+    return (weight.sum(1, keepdim=True) / shape[1]).expand(*shape).clone()
+
+
+@plugin(SmpParams, check=check_smp)
+def smp_unet25d(params: SmpParams, *, window, in_channels: int = 1, out_channels: int = 1, **context):
+    """2.5D UNet (segmentation-models-pytorch): the window's slices are the 2D net's channels."""
+    return _build("Unet", params, window, in_channels, out_channels)
+
+
+@plugin(SmpParams, check=check_smp)
+def smp_unetpp25d(params: SmpParams, *, window, in_channels: int = 1, out_channels: int = 1, **context):
+    """2.5D UNet++ (segmentation-models-pytorch): nested dense skip paths, heavier decoder."""
+    return _build("UnetPlusPlus", params, window, in_channels, out_channels)
