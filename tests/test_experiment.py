@@ -185,5 +185,6 @@ def test_validate_command_exit_status_and_output(tmp_path, capsys, example_model
 def test_schema_is_json_schema_of_experiments(capsys):
     main(["schema"])
     schema = json.loads(capsys.readouterr().out)
-    assert schema["title"] == "Experiment" and "model" in schema["required"]
+    assert schema["title"] == "Experiment" and {"model", "ensemble", "train"} <= set(schema["properties"])
+    assert "name" in schema["required"]
     assert schema["additionalProperties"] is False

@@ -8,6 +8,7 @@ importing only the plugins the file names.
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -108,14 +109,22 @@ def _read(path: Path, problems: list[Problem]) -> _Source | None:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        problems.append(Problem(str(path), line, "", f"TOML syntax error: {getattr(exc, 'msg', exc)}. "
+        line, message = _syntax_position(exc)
+        problems.append(Problem(str(path), line, "", f"TOML syntax error: {message}. "
                                 "Fix the syntax (strings need quotes, tables [name], lists [a, b])."))
         return None
     lines = key_lines(text)
     origin = {path_: (str(path), lines.get(path_) or line_of(lines, path_)) for path_ in _paths(data)}
     origin[()] = (str(path), None)
     return _Source(data, origin)
+
+
+def _syntax_position(exc: tomllib.TOMLDecodeError) -> tuple[int | None, str]:
+    """(line, message without the position): Python 3.14 has ``lineno``; older ones put it in the text."""
+    text = str(getattr(exc, "msg", exc))
+    match = re.search(r"\s*\(at line (\d+), column \d+\)", text)
+    line = getattr(exc, "lineno", None) or (int(match.group(1)) if match else None)
+    return line, text[:match.start()] if match else text
 
 
 def _paths(data: Any, prefix: tuple = ()) -> Iterator[tuple]:
@@ -228,7 +237,7 @@ def _plugin_refs(data: dict) -> Iterator[tuple[tuple, str, Any]]:
     def items(value: Any) -> list:
         return value if isinstance(value, list) else []
 
-    if "model" in data:
+    if data.get("model") is not None:  # an [ensemble] file has no model
         yield ("model",), "models", data["model"]
     for index, term in enumerate(items(data.get("loss"))):
         yield ("loss", index), "losses", term
@@ -284,9 +293,9 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> LoadedExperi
         raise SpecError(problems)
     for text in overrides:
         keys, value = parse_override(text)
-        path = _set_key(source.data, keys, value, text)
-        source.origin = {p: o for p, o in source.origin.items() if p[:len(path)] != path}
-        source.origin[path] = (f"{COMMAND_LINE} {text}", None)
+        key_path = _set_key(source.data, keys, value, text)
+        source.origin = {p: o for p, o in source.origin.items() if p[:len(key_path)] != key_path}
+        source.origin[key_path] = (f"{COMMAND_LINE} {text}", None)
     spec = None
     try:
         spec = Experiment.model_validate(source.data)

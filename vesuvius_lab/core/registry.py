@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable, Iterable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vesuvius_lab.core.errors import UserError
 
@@ -87,7 +87,12 @@ class Plugin:
 
     def build(self, params: BaseModel | dict | None = None, **context: Any) -> Any:
         if not isinstance(params, self.Params):
-            params = self.Params.model_validate(params or {})
+            try:
+                params = self.Params.model_validate(params or {})
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
+                raise UserError(f"Invalid params for this plugin: {problems}. `vlab plugins show GROUP NAME` "
+                                "lists its params; `vlab validate` checks an experiment file.") from None
         return self.factory(params, **context)
 
 

@@ -59,7 +59,7 @@ class Run:
         """A JSON record, or ``default`` when it does not exist (yet)."""
         try:
             return json.loads((self.path / name).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (OSError, ValueError):  # missing, being replaced, or not (yet) valid JSON/UTF-8
             return default
 
     def write(self, name: str, data: Any) -> None:
@@ -68,14 +68,14 @@ class Run:
     def metrics(self) -> list[dict]:
         """The per-epoch records; a line being written right now is skipped."""
         try:
-            lines = (self.path / "metrics.jsonl").read_text().splitlines()
+            lines = (self.path / "metrics.jsonl").read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return []
         records = []
         for line in lines:
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError:
                 continue
         return records
 

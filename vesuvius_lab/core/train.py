@@ -31,7 +31,7 @@ from vesuvius_lab.core.project import Project
 from vesuvius_lab.core.runs import Run, environment, new_run, open_run
 from vesuvius_lab.core.sampling import PatchSource, PatchStream
 from vesuvius_lab.core.spec import Experiment
-from vesuvius_lab.core.split import TrainingSplit, make_split
+from vesuvius_lab.core.split import TrainingSplit, check_volumes, make_split
 from vesuvius_lab.core.validation import ValidationResult, validate
 
 
@@ -78,6 +78,8 @@ def train(loaded: LoadedExperiment | None, project: Project, *, nproc: int | Non
         run = None
     device = resolve_device(project.settings.device)
     split = make_split(spec)
+    if distributed.is_main() and not distributed.launched_by_torchrun():
+        check_volumes(split, spec.data.window, project.cache_dir)
     world_size = int(os.environ["WORLD_SIZE"]) if distributed.launched_by_torchrun() else spec.train.nproc
     if distributed.launched_by_torchrun():
         distributed.init(int(os.environ["RANK"]), world_size, _rank_device(device, int(os.environ.get("LOCAL_RANK", 0))))
