@@ -467,7 +467,7 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
             err.print(f"[dim]skipped {_escape(outcome.job.label)}: finished already{where}[/]")
 
     outcomes = run_jobs(jobs, project, force=force, on_start=started, on_done=done)
-    if project.runs_dir.is_dir():
+    if jobs and project.runs_dir.is_dir():
         names = list(dict.fromkeys(job.spec.name for job in jobs))
         print_leaderboard(build_leaderboard(project.runs_dir, experiments=names), out, err)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -475,6 +475,39 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
     err.print(", ".join(f"{n} {status}" for status, n in counts.items()))
     if failed or problems:
         sys.exit(2)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@cli.command()
+@click.argument("pred", type=click.Path())
+@click.argument("label", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON instead of a table.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Volumes scored at once, each in its own process.")
+def evaluate(pred, label, as_json, workers):
+    """Score predictions against labels with the competition metric.
+
+    PRED and LABEL are two TIFF files, or two folders whose <id>.tif files are paired by id.
+    Ids on one side only, unreadable files and shape mismatches are all reported, exit status 2.
+    """
+    from rich.progress import Progress
+
+    from vesuvius_lab.core.evaluate import evaluate_pairs, pair_volumes
+    from vesuvius_lab.core.score_view import scores_json, scores_table
+
+    pairs = pair_volumes(Path(pred), Path(label))
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("scoring volumes", total=len(pairs))
+        result = evaluate_pairs(pairs, workers=workers, on_volume=lambda _: progress.advance(task))
+    if result.scores:
+        if as_json:
+            click.echo(json.dumps(scores_json(result.scores), indent=2))
+        else:
+            out.print(scores_table(result.scores))
+    if result.problems:
+        raise UserError(f"{len(result.problems)} volume(s) could not be scored:\n  " + "\n  ".join(result.problems))
 
 
 # --------------------------------------------------------------------------- entry point

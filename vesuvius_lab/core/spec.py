@@ -9,9 +9,9 @@ Fields left ``None`` are filled from the project settings when the spec is resol
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Shape3 = tuple[int, int, int]
 
@@ -109,6 +109,104 @@ class InferenceSpec(Strict):
         return overlap
 
 
+EXPERIMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Combine = Literal["mean", "weighted", "logit_mean"]
+
+
+class EnsembleMember(Strict):
+    """One member of an ``[ensemble]``: a run directory, or an experiment's fold runs under runs_dir.
+
+    A plain string in ``members`` is read as ``{ run = "<string>" }``.
+    """
+
+    run: str | None = Field(None, description="A run directory: a path, or <experiment>/<run-id> in runs_dir.")
+    experiment: str | None = Field(None, pattern=EXPERIMENT_NAME,
+                                   description="An experiment name: its newest finished run of each fold.")
+    folds: Union[Literal["all"], list[Annotated[int, Field(ge=0)]]] = Field(
+        "all", description='With experiment: "all" (every fold, out-of-fold validation) or a list, e.g. [0, 2].')
+    inference: dict[str, Any] = Field(default_factory=dict, description=(
+        '[inference] keys this member predicts with, e.g. { tta = ["flip0"] }.'))
+
+    @field_validator("folds", mode="before")
+    @classmethod
+    def _one_fold(cls, folds: Any) -> Any:
+        return [folds] if isinstance(folds, int) and not isinstance(folds, bool) else folds
+
+    @field_validator("inference")
+    @classmethod
+    def _inference_keys(cls, inference: dict[str, Any]) -> dict[str, Any]:
+        InferenceSpec.model_validate(inference)  # unknown keys and bad values fail here, not at prediction
+        return inference
+
+    @model_validator(mode="after")
+    def _run_or_experiment(self) -> "EnsembleMember":
+        if (self.run is None) == (self.experiment is None):
+            raise ValueError('give either run = "<run directory>" or experiment = "<name>" (with folds)')
+        if self.run is not None and self.folds != "all":  # "all" is the default, so records round-trip
+            raise ValueError("folds goes with experiment; a run directory is one fold already")
+        if isinstance(self.folds, list) and not self.folds:
+            raise ValueError('folds lists no fold; give "all" or fold numbers such as [0, 1]')
+        return self
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: the experiment, or the run directory's experiment folder."""
+        if self.experiment is not None:
+            return self.experiment
+        path = Path(self.run)
+        return path.parent.name or path.name
+
+
+def _string_members(schema: dict) -> None:
+    """In the JSON schema, a member may also be a plain string (read as a run directory)."""
+    schema["items"] = {"anyOf": [{"type": "string"}, schema["items"]]}
+
+
+class EnsembleSpec(Strict):
+    """``[ensemble]``: combine the surface probabilities of trained runs; see :mod:`vesuvius_lab.core.ensemble`."""
+
+    members: list[EnsembleMember] = Field(min_length=1, json_schema_extra=_string_members, description=(
+        'Run directories ("runs/x/fold0-...") or tables { experiment = "name", folds = "all" }.'))
+    weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="One positive weight per member (combine = weighted or logit_mean).")
+    combine: Combine = Field("mean", description=(
+        "mean of probabilities, weighted mean of probabilities, or logit_mean (mean of logits, then sigmoid)."))
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _paths_as_tables(cls, members: Any) -> Any:
+        return [{"run": m} if isinstance(m, str) else m for m in members] if isinstance(members, list) else members
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> "EnsembleSpec":
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ValueError(f"weights has {len(self.weights)} values for {len(self.members)} members; give one "
+                             "per member, in the same order")
+        if self.combine == "weighted" and self.weights is None:
+            raise ValueError('combine = "weighted" needs weights, one per member')
+        if self.combine == "mean" and self.weights is not None:
+            raise ValueError('combine = "mean" ignores weights; set combine = "weighted" (or "logit_mean"), '
+                             "or remove weights")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model column of the leaderboard, e.g. ``ensemble(unet25d+monai-unet)``."""
+        return ensemble_label(self.members)
+
+
+def ensemble_label(members: list[EnsembleMember]) -> str:
+    return f"ensemble({'+'.join(member.label for member in members)})"
+
+
+def ensemble_column(table: Any) -> str:
+    """The leaderboard's model column for a recorded ``ensemble`` table; tolerant of a damaged record."""
+    try:
+        return EnsembleSpec.model_validate(table).label
+    except ValueError:
+        return "ensemble(?)"
+
+
 def _default_losses() -> list[LossTerm]:
     return [LossTerm(plugin="dice", weight=0.5), LossTerm(plugin="bce", weight=0.5)]
 
@@ -116,16 +214,57 @@ def _default_losses() -> list[LossTerm]:
 class Experiment(Strict):
     """One experiment file (after ``extends`` are merged)."""
 
+    # Editors validating against `vlab schema` need exactly one of [model] and [ensemble] too.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["model"]}, {"required": ["ensemble"]}]})
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,
                       description="Run folder name: letters, digits, '.', '_' and '-'.")
     description: str = ""
     extends: Union[str, list[str], None] = Field(None, description="Parent file(s), relative to this file.")
     data: DataSpec = Field(default_factory=DataSpec)
-    model: PluginRef
+    model: PluginRef | None = Field(None, description="The network (a models plugin); give [model] or [ensemble].")
+    ensemble: EnsembleSpec | None = Field(None, description="Combine trained runs instead of training "
+                                                            "(`vlab ensemble`).")
     loss: list[LossTerm] = Field(default_factory=_default_losses, min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     postprocess: list[PluginRef] = Field(default_factory=list)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description='A grid of runs: key path -> values, e.g. "model.params.encoder" = ["resnet18", "resnet34"]. '
+                    "`vlab run` trains one experiment per combination, each validated like --set KEY=VALUE.")
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _dotted_sweep_keys(cls, sweep: Any) -> Any:
+        """Accept unquoted dotted keys too: TOML reads `a.b = [..]` as nested tables."""
+        def flatten(table: dict, prefix: str = "") -> dict:
+            flat = {}
+            for key, value in table.items():
+                path = f"{prefix}{key}"
+                flat.update(flatten(value, path + ".") if isinstance(value, dict) else {path: value})
+            return flat
+
+        return flatten(sweep) if isinstance(sweep, dict) else sweep
+
+    @field_validator("ensemble")
+    @classmethod
+    def _model_or_ensemble(cls, ensemble: EnsembleSpec | None, info: ValidationInfo) -> EnsembleSpec | None:
+        """Exactly one of the two; checked on `ensemble` (after `model`) so the error points at the file's table."""
+        if "model" not in info.data:
+            return ensemble  # [model] itself is invalid and reported already
+        if info.data["model"] is None and ensemble is None:
+            raise ValueError("give a [model] table (an experiment to train) or an [ensemble] table (trained runs "
+                             "to combine)")
+        if info.data["model"] is not None and ensemble is not None:
+            raise ValueError("give either [model] or [ensemble], not both; an ensemble file must not extend a "
+                             "file with a [model] table (copy the [inference] and [[postprocess]] it needs)")
+        return ensemble
+
+    @property
+    def model_label(self) -> str:
+        """The model plugin's name, or ``ensemble(a+b)`` for an ensemble."""
+        return self.model.plugin if self.model is not None else self.ensemble.label
 
     @property
     def inference_window(self) -> Shape3:
