@@ -57,6 +57,10 @@ class SmpParams(BaseModel):
         return self.decoder_channels or DEFAULT_DECODER_CHANNELS[-self.encoder_depth:]
 
 
+#: segmentation-models-pytorch's SCSEModule divides the channels by this (a 0-channel conv below it).
+SCSE_REDUCTION = 16
+
+
 def check_smp(params: SmpParams, spec: Any) -> Iterator[tuple[str, str]]:
     """The slice count must match both windows; H and W must survive the encoder's downsampling."""
     train_depth = spec.data.window[0]
@@ -72,6 +76,10 @@ def check_smp(params: SmpParams, spec: Any) -> Iterator[tuple[str, str]]:
     for message in window_problems(spec_windows(spec), (1, stride, stride),
                                    network=f"a 2D encoder of depth {params.encoder_depth}"):
         yield "", message
+    if params.decoder_attention_type == "scse" and min(params.decoder_widths) < SCSE_REDUCTION:
+        yield "decoder_channels", (f"scSE attention squeezes channels by {SCSE_REDUCTION}, so every decoder "
+                                   f"block needs at least {SCSE_REDUCTION} channels; got "
+                                   f"{list(params.decoder_widths)}. Raise the small ones or drop the attention.")
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
         yield "encoder_weights", (f'no file "{params.encoder_weights}" (relative paths are relative to the '
                                   "working directory). Give the path of a saved encoder state dict.")
