@@ -58,9 +58,12 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
          folds: list[int] | str | None = None, nproc: int | None = None) -> tuple[list[Job], list[Problem]]:
     """Every (experiment, fold) to run, and every problem of every file (the others still run)."""
     loaded_all, problems = expand_files(files, overrides)
-    jobs = []
+    jobs, ensembles = [], []
     for loaded in loaded_all:
         resolved = project.resolve(loaded.spec)
+        if resolved.ensemble is not None:  # combines trained runs: one job, after every training job
+            ensembles.append(Job(dataclasses.replace(loaded, spec=resolved), resolved))
+            continue
         if nproc:
             resolved = resolved.model_copy(update={"train": resolved.train.model_copy(update={"nproc": nproc})})
         count = resolved.data.folds
@@ -72,7 +75,7 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
                 continue
             spec = resolved.model_copy(update={"data": resolved.data.model_copy(update={"fold": fold})})
             jobs.append(Job(dataclasses.replace(loaded, spec=spec), spec))
-    return jobs, problems
+    return jobs + ensembles, problems
 
 
 def _canonical(spec: dict) -> str:
@@ -95,8 +98,6 @@ def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
              on_start: Callable[[int, Job], None] | None = None,
              on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Train each job unless a finished identical run exists (``force`` trains anyway)."""
-    from vesuvius_lab.core.train import train
-
     outcomes = []
     for position, job in enumerate(jobs):
         existing = None if force else finished_run(project.runs_dir, job.spec)
@@ -108,7 +109,7 @@ def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
             before = set(run_dirs(project.runs_dir))
             try:
                 # The spec is already resolved; resolving again is a no-op. nproc rides in the spec.
-                outcome = Outcome(job, "trained", train(job.loaded, project))
+                outcome = Outcome(job, "trained", _execute(job, project))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one experiment failing must not stop the others
@@ -119,3 +120,15 @@ def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
         if on_done:
             on_done(outcome)
     return outcomes
+
+
+def _execute(job: Job, project: Project) -> Run:
+    """Train the job's experiment, or build it when it is an ensemble of trained runs."""
+    if job.spec.ensemble is not None:
+        from vesuvius_lab.core.ensemble import build_ensemble
+        from vesuvius_lab.core.train import resolve_device
+
+        return build_ensemble(job.loaded, project, device=resolve_device(project.settings.device))
+    from vesuvius_lab.core.train import train
+
+    return train(job.loaded, project)

@@ -34,11 +34,16 @@ class RunPredictor:
 
 def load_run(path: Path, *, device: str = "cpu", overrides: dict | None = None,
              checkpoint_name: str = "best") -> RunPredictor:
-    """Open a run and its model; ``overrides`` replace ``[inference]`` keys (e.g. tta, overlap)."""
+    """Open a run and its model (or, for an ensemble run, its members); ``overrides`` replace
+    ``[inference]`` keys (e.g. tta, overlap; for an ensemble, its members')."""
     run = open_run(path)
     spec = Experiment.model_validate(run.read("spec.json"))
     if overrides:
         spec = spec.model_copy(update={"inference": spec.inference.model_copy(update=overrides)})
+    if spec.ensemble is not None:  # combines its member runs' probabilities; the chain is its own
+        from vesuvius_lab.core.ensemble import load_ensemble
+
+        return load_ensemble(run, spec, device=device, overrides=overrides, checkpoint_name=checkpoint_name)
     model = registry.build("models", spec.model.plugin, spec.model.params, window=spec.data.window,
                            in_channels=1, out_channels=1)
     if isinstance(model, SelfTrainingModel):
