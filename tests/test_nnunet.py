@@ -1,0 +1,365 @@
+"""The nnU-Net backend: conversion, caching, fold mapping, validation checks, a tiny real training
+and prediction equal to nnU-Net's own predictor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vesuvius_lab.core import registry
+from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.experiment import SpecError, load_experiment
+from vesuvius_lab.core.spec import Experiment, InferenceSpec
+from vesuvius_lab.core.tiff import read_volume, write_volume
+from vesuvius_lab.plugins.nnunet.checks import median_shape
+from vesuvius_lab.plugins.nnunet.conversion import convert_dataset
+from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ
+from vesuvius_lab.plugins.nnunet.params import NnUNetParams, Shrink
+from vesuvius_lab.plugins.nnunet.prediction import PredictionSettings, prediction_settings
+from vesuvius_lab.plugins.nnunet.shrink import apply_shrink
+from vesuvius_lab.plugins.nnunet.splits import splits_from_folds
+
+REPO = Path(__file__).resolve().parents[1]
+SCROLLS = {"a": ["0", "3"], "b": ["1", "4"], "c": ["2"]}  # folds grouped by scroll
+FOLDS = [SCROLLS["a"], SCROLLS["b"], SCROLLS["c"]]
+TINY_PARAMS = {
+    "planner": "nnUNetPlannerResEncM", "configuration": "3d_fullres", "augmentation_workers": 0,
+    "preprocess_workers": 1, "val_iterations_per_epoch": 1,
+    "shrink": {"patch_size": [32, 32, 32], "n_stages": 3, "features_per_stage": [8, 16, 32], "batch_size": 2},
+}
+
+
+# --------------------------------------------------------------------------- tiny data
+
+
+def sheet_volume(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like uint8 volume with two tilted bright sheets, and its labels 0 / 1 / 2 (edges unlabeled)."""
+    z, y, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    label = np.zeros(shape, np.uint8)
+    for offset in rng.uniform(0, shape[0], size=2):
+        label[np.abs(0.3 * y + 0.2 * x + offset - z - shape[0] / 3) < 1.5] = 1
+    image = np.clip(60 + 120 * label + rng.normal(0, 20, shape), 0, 255).astype(np.uint8)
+    label[:2] = 2
+    label[:, :, -2:] = 2
+    return image, label
+
+
+def write_tiny_dataset(root: Path, n: int = 5, side: int = 32, seed: int = 0) -> Path:
+    """``n`` volumes of ``side``^3 over three scrolls, in the competition layout."""
+    rng = np.random.default_rng(seed)
+    scroll_of = {case: scroll for scroll, cases in SCROLLS.items() for case in cases}
+    rows = []
+    for index in range(n):
+        image, label = sheet_volume((side,) * 3, rng)
+        write_volume(root / "train_images" / f"{index}.tif", image)
+        write_volume(root / "train_labels" / f"{index}.tif", label)
+        rows.append((str(index), scroll_of.get(str(index), "c")))
+    with open(root / "train.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("id", "scroll_id"), *rows])
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_dataset(tmp_path_factory.mktemp("nnunet") / "data")
+
+
+def make_job(data: Path, run_dir: Path, cache: Path, fold: int, params: dict, log: list, *, epochs: int = 1,
+             iterations: int = 2, nproc: int = 1) -> TrainJob:
+    spec = Experiment.model_validate({
+        "name": "nnunet-test", "data": {"root": str(data), "fold": fold},
+        "model": {"plugin": "nnunet", "params": params},
+        "train": {"epochs": epochs, "iterations_per_epoch": iterations, "nproc": nproc, "seed": 0, "workers": 0},
+    })
+    val_ids = FOLDS[fold]
+    train_ids = [case for other in FOLDS for case in other if case not in val_ids]
+    return TrainJob(spec=spec, data_root=data, train_ids=train_ids, val_ids=val_ids, fold=fold, folds=FOLDS,
+                    run_dir=run_dir, cache_dir=cache, device="cpu", log=log.append)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def test_conversion_writes_nnunet_raw_layout(tiny_data, tmp_path):
+    ids = ["0", "1", "2", "3", "4"]
+    dataset = convert_dataset(tiny_data, ids, tmp_path / "nnUNet_raw", log=lambda message: None)
+
+    assert dataset.folder == tmp_path / "nnUNet_raw" / dataset.name
+    assert dataset.name.startswith(f"Dataset{dataset.id:03d}_VesuviusSurface_")
+    for case in ids:
+        image = dataset.folder / "imagesTr" / f"{case}_0000.tif"
+        label = dataset.folder / "labelsTr" / f"{case}.tif"
+        np.testing.assert_array_equal(read_volume(image), read_volume(tiny_data / "train_images" / f"{case}.tif"))
+        np.testing.assert_array_equal(read_volume(label), read_volume(tiny_data / "train_labels" / f"{case}.tif"))
+        for folder in ("imagesTr", "labelsTr"):
+            spacing_file = dataset.folder / folder / f"{case}.json"
+            assert json.loads(spacing_file.read_text()) == {"spacing": [1.0, 1.0, 1.0]}
+    meta = json.loads((dataset.folder / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "surface": 1, "ignore": 2}
+    assert meta["channel_names"] == {"0": "CT"}
+    assert meta["overwrite_image_reader_writer"] == "Tiff3DIO"
+    assert meta["file_ending"] == ".tif" and meta["numTraining"] == 5
+    assert sorted(p.name for p in (dataset.folder / "imagesTr").glob("*.tif")) == [f"{c}_0000.tif" for c in ids]
+
+
+def test_conversion_is_cached_by_content(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    write_tiny_dataset(data, n=4, seed=1)
+    raw = tmp_path / "nnUNet_raw"
+    messages: list[str] = []
+    first = convert_dataset(data, ["0", "1", "2", "3"], raw, log=messages.append)
+    stamp = (first.folder / "dataset.json").stat().st_mtime_ns
+
+    again = convert_dataset(data, ["3", "2", "1", "0"], raw, log=messages.append)
+    assert again == first
+    assert (first.folder / "dataset.json").stat().st_mtime_ns == stamp
+    assert "up to date" in messages[-1]
+
+    subset = convert_dataset(data, ["0", "1"], raw, log=messages.append)
+    assert subset.id != first.id and subset.folder != first.folder
+
+    image, label = sheet_volume((32, 32, 32), np.random.default_rng(7))
+    write_volume(data / "train_labels" / "0.tif", label)  # new content, same name
+    changed = convert_dataset(data, ["0", "1", "2", "3"], raw, log=messages.append)
+    assert changed.folder != first.folder
+    np.testing.assert_array_equal(read_volume(changed.folder / "labelsTr" / "0.tif"), label)
+    assert len([p for p in raw.iterdir() if p.name.startswith("Dataset")]) == 3
+
+
+def test_conversion_rejects_unusable_volumes(tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", n=2)
+    label = read_volume(data / "train_labels" / "1.tif")
+    label[5, 5, 5] = 3
+    write_volume(data / "train_labels" / "1.tif", label)
+    with pytest.raises(UserError, match=r"1\.tif: label values \[3\]"):
+        convert_dataset(data, ["0", "1"], tmp_path / "raw", log=lambda message: None)
+    write_volume(data / "train_labels" / "1.tif", label[:-1])
+    with pytest.raises(UserError, match="differs from its image"):
+        convert_dataset(data, ["0", "1"], tmp_path / "raw", log=lambda message: None)
+    with pytest.raises(UserError, match="9.tif: file not found"):
+        convert_dataset(data, ["0", "9"], tmp_path / "raw", log=lambda message: None)
+    assert not [p for p in (tmp_path / "raw").iterdir() if p.name.startswith("Dataset")]
+
+
+# --------------------------------------------------------------------------- folds, plans, settings
+
+
+def test_splits_follow_our_folds():
+    splits = splits_from_folds([["3", "0"], ["1", "4"], ["2"]])
+    assert [s["val"] for s in splits] == [["0", "3"], ["1", "4"], ["2"]]
+    assert [s["train"] for s in splits] == [["1", "2", "4"], ["0", "2", "3"], ["0", "1", "3", "4"]]
+
+
+def _plans() -> dict:
+    """A plans dict shaped like the ResEncM plans nnU-Net writes for 32^3 volumes."""
+    return {"plans_name": "nnUNetResEncUNetMPlans", "configurations": {"3d_fullres": {
+        "data_identifier": "nnUNetPlans_3d_fullres", "batch_size": 5, "patch_size": [32, 32, 32],
+        "architecture": {"arch_kwargs": {
+            "n_stages": 4, "features_per_stage": [32, 64, 128, 256], "kernel_sizes": [[3, 3, 3]] * 4,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "n_blocks_per_stage": [1, 3, 4, 6],
+            "n_conv_per_stage_decoder": [1, 1, 1]}}}}}
+
+
+def test_shrink_edits_only_the_network_and_batch():
+    plans = _plans()
+    shrunk = apply_shrink(plans, "3d_fullres", Shrink(patch_size=[16, 32, 32], n_stages=3,
+                                                      features_per_stage=[8, 16, 32], batch_size=2))
+    config = shrunk["configurations"]["3d_fullres"]
+    arch = config["architecture"]["arch_kwargs"]
+    assert (config["patch_size"], config["batch_size"]) == ([16, 32, 32], 2)
+    assert arch["n_stages"] == 3 and arch["features_per_stage"] == [8, 16, 32]
+    assert len(arch["strides"]) == len(arch["kernel_sizes"]) == len(arch["n_blocks_per_stage"]) == 3
+    assert arch["n_conv_per_stage_decoder"] == [1, 1]
+    assert config["data_identifier"] == "nnUNetPlans_3d_fullres"  # the preprocessed data is reused
+    assert shrunk["plans_name"] == "nnUNetResEncUNetMPlans__shrunk"
+    assert plans == _plans()  # the input is not modified
+    with pytest.raises(UserError, match="divisible"):
+        apply_shrink(plans, "3d_fullres", Shrink(patch_size=[18, 32, 32], n_stages=3))
+    with pytest.raises(UserError, match="only 4 stages"):
+        apply_shrink(plans, "3d_fullres", Shrink(n_stages=5))
+
+
+def test_inference_settings_map_to_nnunet_predictor():
+    params = NnUNetParams()
+    assert prediction_settings(params, InferenceSpec()) == PredictionSettings(0.5, True, False, None)
+    mapped = prediction_settings(params, InferenceSpec(overlap=0.25, blend={"plugin": "mean"},
+                                                       tta=["flip2", "flip0"]))
+    assert mapped == PredictionSettings(0.75, False, True, (0, 2))
+    assert prediction_settings(NnUNetParams(mirroring=True), InferenceSpec()).use_mirroring
+    with pytest.raises(UserError, match="rot90"):
+        prediction_settings(params, InferenceSpec(tta=["rot90"]))
+    with pytest.raises(UserError, match="either params.mirroring"):
+        prediction_settings(NnUNetParams(mirroring=False), InferenceSpec(tta=["flip1"]))
+    with pytest.raises(UserError, match="sigma_scale"):
+        prediction_settings(params, InferenceSpec(blend={"plugin": "gaussian", "params": {"sigma_scale": 0.2}}))
+
+
+def test_environment_is_set_for_the_call_only(monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", "/somewhere/else")
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    with nnunet_environ(raw=Path("/cache/raw"), results=Path("/run/results"), workers=3, augmentation_workers=0):
+        assert os.environ["nnUNet_raw"] == "/cache/raw" and os.environ["nnUNet_results"] == "/run/results"
+        assert os.environ["nnUNet_def_n_proc"] == "3" and os.environ["nnUNet_n_proc_DA"] == "0"
+    assert os.environ["nnUNet_raw"] == "/somewhere/else" and "nnUNet_results" not in os.environ
+
+    lines: list[str] = []
+    with forward_stdout(lambda line: (lines.append(line), print("echo", line))):
+        print("Epoch 0")
+        print("train_loss", 1.5, end="")
+    assert lines == ["Epoch 0", "train_loss 1.5"]
+
+
+# --------------------------------------------------------------------------- vlab validate
+
+
+def _experiment(tmp_path: Path, params: str, extra: str = "") -> Path:
+    path = tmp_path / "exp.toml"
+    path.write_text(f'name = "x"\n[model]\nplugin = "nnunet"\nparams = {params}\n{extra}')
+    return path
+
+
+def test_validate_reports_nnunet_problems(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLAB_DATA", str(tiny_data))  # 32^3 volumes: far too small for 3d_lowres
+    with pytest.raises(SpecError) as caught:
+        load_experiment(_experiment(tmp_path, '{ trainer = "nnUNetTrainr", configuration = "3d_lowres" }',
+                                    '[inference]\nblend = { plugin = "ramp" }\n'))
+    problems = {p.path: p.message for p in caught.value.problems}
+    assert 'Did you mean "nnUNetTrainer"' in problems["model.params.trainer"]
+    assert "does not create 3d_lowres" in problems["model.params.configuration"]
+    assert "'3d_fullres'" in problems["model.params.configuration"]
+    assert '"ramp"' in problems["model.params"]
+
+    with pytest.raises(SpecError, match="nnU-Net splits each batch over its DDP processes"):
+        load_experiment(_experiment(tmp_path, "{ shrink = { batch_size = 1 } }", "[train]\nnproc = 2\n"))
+
+    loaded = load_experiment(_experiment(tmp_path, '{ trainer = "nnUNetTrainerNoMirroring" }'))
+    assert isinstance(registry.build("models", "nnunet", loaded.spec.model.params), SelfTrainingModel)
+
+
+@pytest.mark.parametrize("name", ["experiments/quick/nnunet.toml", "experiments/nnunet_resencm_lowres.toml"])
+def test_example_experiments_validate(name, tiny_data, tmp_path, monkeypatch):
+    if "lowres" in name:  # the seed's setup is for the competition's 320^3 volumes
+        write_volume(tmp_path / "train_images" / "a.tif", np.zeros((320, 320, 320), np.uint8))
+        assert median_shape(tmp_path) == (320, 320, 320)  # so the 3d_lowres check does run
+        monkeypatch.setenv("VLAB_DATA", str(tmp_path))
+    else:
+        monkeypatch.setenv("VLAB_DATA", str(tiny_data))
+    monkeypatch.chdir(REPO)
+    loaded = load_experiment(REPO / name)
+    assert loaded.spec.model.plugin == "nnunet"
+
+
+# --------------------------------------------------------------------------- training and prediction
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One real nnU-Net training of fold 0: shrunk ResEncM plan, 1 epoch of 2 iterations, CPU."""
+    root = tmp_path_factory.mktemp("nnunet-run")
+    log: list[str] = []
+    job = make_job(tiny_data, root / "run", root / "cache", 0, TINY_PARAMS, log)
+    model = registry.build("models", "nnunet", job.spec.model.params)
+    model.train(job)
+    return job, model, log
+
+
+@pytest.mark.slow
+def test_training_uses_our_fold_and_shrunk_plan(trained):
+    job, _, log = trained
+    backend = job.run_dir / "backend"
+    record = json.loads((backend / "nnunet.json").read_text())
+    (view,) = (backend / "nnUNet_preprocessed").iterdir()
+    assert json.loads((view / "splits_final.json").read_text()) == splits_from_folds(FOLDS)
+    plans = json.loads((view / f"{record['plans_name']}.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["features_per_stage"] == [8, 16, 32]
+    fold_folder = backend / record["results"] / "fold_0"
+    assert (fold_folder / "checkpoint_final.pth").is_file()
+    nnunet_log = next(fold_folder.glob("training_log_*.txt")).read_text()
+    assert "Desired fold for training: 0" in nnunet_log
+    assert "This split has 3 training and 2 validation cases." in nnunet_log
+    assert any(line.endswith("Training done.") for line in log)  # nnU-Net's output reached our log
+
+
+@pytest.mark.slow
+def test_rerun_reuses_cache_and_finished_training(trained):
+    job, model, _ = trained
+    log: list[str] = []
+    again = make_job(job.data_root, job.run_dir, job.cache_dir, 0, TINY_PARAMS, log, nproc=2)
+    model.train(again)
+    text = "\n".join(log)
+    assert "raw dataset up to date" in text
+    assert "fingerprint" not in text and "planning" not in text and "preprocessing" not in text
+    assert "needs CUDA GPUs; training in 1 process" in text
+    assert "training already finished" in text
+
+    other_fold: list[str] = []
+    setup = model.prepare(make_job(job.data_root, job.run_dir.parent / "run-fold1", job.cache_dir, 1,
+                                   TINY_PARAMS, other_fold))
+    assert setup.fold == 1 and "preprocessing" not in "\n".join(other_fold)
+    splits = json.loads((setup.preprocessed_view / setup.plans["dataset_name"] / "splits_final.json").read_text())
+    assert splits[1]["val"] == ["1", "4"]
+
+
+@pytest.mark.slow
+def test_prediction_equals_nnunet_own_prediction(trained, tmp_path):
+    """Our load + predict_probabilities against nnU-Net's file-based predictor, same settings."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    job, _, _ = trained
+    image, _ = sheet_volume((40, 32, 48), np.random.default_rng(11))  # 2 x 1 x 2 overlapping 32^3 windows
+    raw = tmp_path / "raw"
+    write_volume(raw / "case_0000.tif", image)
+    (raw / "case.json").write_text(json.dumps({"spacing": [1, 1, 1]}))
+
+    inference = InferenceSpec(overlap=0.25, blend={"plugin": "gaussian"}, tta=["flip2"])
+    ours = registry.build("models", "nnunet", TINY_PARAMS, inference=inference)
+    ours.load(job.run_dir, "cpu")
+    probabilities = ours.predict_probabilities(image)
+
+    record = json.loads((job.run_dir / "backend" / "nnunet.json").read_text())
+    reference = nnUNetPredictor(tile_step_size=0.75, use_gaussian=True, use_mirroring=True,
+                                device=torch.device("cpu"), allow_tqdm=False)
+    reference.initialize_from_trained_model_folder(str(job.run_dir / "backend" / record["results"]), (0,),
+                                                   "checkpoint_final.pth")
+    reference.allowed_mirroring_axes = (2,)  # the trainer allows (0, 1, 2); tta asked for flip2 only
+    (tmp_path / "out").mkdir()
+    # nnU-Net's file path: Tiff3DIO reading, its preprocessor, its export (in-process: no spawn pools)
+    reference.predict_from_files_sequential([[str(raw / "case_0000.tif")]], [str(tmp_path / "out" / "case")],
+                                            save_probabilities=True)
+    expected = np.load(tmp_path / "out" / "case.npz")["probabilities"][1]
+
+    assert probabilities.dtype == np.float32 and probabilities.shape == image.shape
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert probabilities.std() > 0.01  # a real prediction, not a constant
+
+    plain = registry.build("models", "nnunet", TINY_PARAMS, inference=InferenceSpec(blend={"plugin": "mean"}))
+    plain.load(job.run_dir, "cpu")
+    assert np.abs(plain.predict_probabilities(image) - expected).max() > 1e-4  # the settings do matter
+
+
+@pytest.mark.slow
+def test_stopped_training_resumes_from_latest_checkpoint(trained, tmp_path):
+    import shutil
+
+    import torch
+
+    job, model, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(job.run_dir, run)
+    record = json.loads((run / "backend" / "nnunet.json").read_text())
+    fold = run / "backend" / record["results"] / "fold_0"
+    (fold / "checkpoint_final.pth").rename(fold / "checkpoint_latest.pth")  # as if stopped after epoch 1
+
+    log: list[str] = []
+    model.train(make_job(job.data_root, run, job.cache_dir, 0, TINY_PARAMS, log, epochs=2))
+    assert any("resuming from epoch 1" in line for line in log)
+    assert sum(line.endswith(": Epoch 1") for line in log) == 1 and not any(line.endswith(": Epoch 0") for line in log)
+    assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2

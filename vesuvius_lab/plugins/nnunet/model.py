@@ -1,0 +1,120 @@
+"""The nnU-Net backend as a :class:`~vesuvius_lab.core.backend.SelfTrainingModel`.
+
+``train`` converts the data (cached by content), fingerprints, plans and preprocesses it (cached
+per planner and configuration), writes this run's splits and plans, and trains one fold with the
+chosen trainer class; ``load`` and ``predict_probabilities`` run nnU-Net's predictor on
+volumes. Every nnU-Net call sees its folders through ``os.environ`` for that call only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vesuvius_lab.core.backend import TrainJob
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.plugins.nnunet.cache_lock import cache_lock
+from vesuvius_lab.plugins.nnunet.conversion import LABELS, convert_dataset
+from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ
+from vesuvius_lab.plugins.nnunet.params import NnUNetParams
+from vesuvius_lab.plugins.nnunet.planning import ensure_plans, ensure_preprocessed, require_configuration
+from vesuvius_lab.plugins.nnunet.prediction import (NnUNetPredictorRunner, PredictionSettings,
+                                                    prediction_settings)
+from vesuvius_lab.plugins.nnunet.run_folder import (backend_folder, prepare_preprocessed_view, read_record,
+                                                    write_record)
+from vesuvius_lab.plugins.nnunet.shrink import apply_shrink, flatten_configuration
+from vesuvius_lab.plugins.nnunet.training import TrainingSetup, results_folder, train
+
+
+def cache_folders(cache_dir: Path) -> tuple[Path, Path]:
+    """The shared ``nnUNet_raw`` and ``nnUNet_preprocessed`` folders inside the project's cache."""
+    root = Path(cache_dir) / "nnunet"
+    return root / "nnUNet_raw", root / "nnUNet_preprocessed"
+
+
+class NnUNetModel:
+    """nnU-Net v2 trained and applied through its Python API, one fold per run."""
+
+    def __init__(self, params: NnUNetParams, inference: Any = None):
+        self.params = params
+        self.inference = inference  # [inference] of the experiment; None: use the settings saved at training
+        self.parameters_count: int | None = None
+        self._runner: NnUNetPredictorRunner | None = None
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, job: TrainJob) -> None:
+        params, spec = self.params, job.spec
+        if spec.data.ignore_label != LABELS["ignore"]:
+            raise UserError(f"[data] ignore_label = {spec.data.ignore_label}: the nnunet model trains with label "
+                            f"{LABELS['ignore']} as nnU-Net's ignore label. Set ignore_label = 2.")
+        settings = prediction_settings(params, spec.inference)  # fail before hours of preprocessing
+        setup = self.prepare(job)
+        results = results_folder(setup)
+        write_record(job.run_dir, {
+            "dataset": setup.plans["dataset_name"], "plans_name": setup.plans["plans_name"],
+            "configuration": setup.configuration, "trainer": params.trainer, "fold": setup.fold,
+            "results": str(results.relative_to(backend_folder(job.run_dir))), "prediction": settings.to_json(),
+        })
+        train(setup, job.device, spec.train.nproc, job.log)
+
+    def prepare(self, job: TrainJob) -> TrainingSetup:
+        """Convert, plan and preprocess (cached), write this run's splits and plans; the training setup."""
+        params = self.params
+        raw_root, preprocessed_root = cache_folders(job.cache_dir)
+        folds = [list(map(str, fold)) for fold in job.folds]
+        if job.fold >= len(folds) or set(folds[job.fold]) != set(map(str, job.val_ids)):
+            raise ValueError(f"TrainJob.folds[{job.fold}] must hold the validation ids {job.val_ids}; "
+                             f"got folds {job.folds}")
+        case_ids = sorted({*map(str, job.train_ids), *(case for fold in folds for case in fold)})
+        with cache_lock(raw_root.parent, job.log):
+            dataset = convert_dataset(job.data_root, case_ids, raw_root, job.log)
+            with nnunet_environ(raw=raw_root, preprocessed=preprocessed_root, workers=params.preprocess_workers), \
+                    forward_stdout(job.log):
+                plans = ensure_plans(dataset, preprocessed_root, params.planner, params.gpu_memory_gb,
+                                     params.preprocess_workers, job.log)
+                shared = preprocessed_root / dataset.name
+                require_configuration(plans, params.configuration, shared / f"{plans['plans_name']}.json")
+                ensure_preprocessed(dataset, preprocessed_root, plans["plans_name"], params.configuration,
+                                    params.preprocess_workers, job.log)
+        plans = apply_shrink(plans, params.configuration, params.shrink)
+        view = prepare_preprocessed_view(job.run_dir, shared, plans, folds,
+                                         with_ground_truth=params.final_validation)
+        data_identifier = flatten_configuration(plans, params.configuration)["data_identifier"]
+        train_spec = job.spec.train
+        iterations = train_spec.iterations_per_epoch
+        workers = train_spec.workers if train_spec.workers is not None else 2
+        return TrainingSetup(
+            plans=plans, configuration=params.configuration, fold=job.fold,
+            dataset_json=_read_json(shared / "dataset.json"), trainer=params.trainer,
+            epochs=train_spec.epochs, iterations_per_epoch=iterations,
+            val_iterations_per_epoch=params.val_iterations_per_epoch or max(1, round(iterations / 5)),
+            preprocessed_view=view, preprocessed_data=shared / data_identifier,
+            results=backend_folder(job.run_dir) / "nnUNet_results",
+            seed=train_spec.seed or 0, workers=params.preprocess_workers,
+            augmentation_workers=params.augmentation_workers if params.augmentation_workers is not None else workers,
+            final_validation=params.final_validation, save_probabilities=params.save_probabilities,
+        )
+
+    # ------------------------------------------------------------------ prediction
+
+    def load(self, run_dir: Path, device: str) -> None:
+        record = read_record(run_dir)
+        settings = (prediction_settings(self.params, self.inference) if self.inference is not None
+                    else PredictionSettings.from_json(record["prediction"]))
+        self._runner = NnUNetPredictorRunner(backend_folder(run_dir) / record["results"], record["fold"],
+                                             record["trainer"], self.params.checkpoint, settings, device)
+        network = self._runner.predictor.network
+        self.parameters_count = sum(p.numel() for p in network.parameters())
+
+    def predict_probabilities(self, volume: np.ndarray) -> np.ndarray:
+        if self._runner is None:
+            raise RuntimeError("call load(run_dir, device) before predict_probabilities")
+        return self._runner.predict_probabilities(volume)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,92 @@
+"""Finding nnU-Net trainer classes: statically (cheap, for ``vlab validate``) and by import (for training).
+
+A trainer is named as nnU-Net names it (a class defined under ``nnunetv2/training/nnUNetTrainer``,
+found the way ``nnUNetv2_train -tr`` finds it) or as ``package.module:Class`` for a subclass in
+the user's own code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from functools import cache
+from pathlib import Path
+
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.registry import suggest
+
+_CLASS = re.compile(r"^class\s+(\w+)\s*[(:]", re.MULTILINE)
+BASE_TRAINER = "nnUNetTrainer"
+
+
+TRAINER_PACKAGE = "nnunetv2.training.nnUNetTrainer"
+
+
+@cache
+def builtin_trainer_modules() -> dict[str, str]:
+    """Class name -> module for the classes in nnunetv2's trainer package, read from the sources."""
+    spec = importlib.util.find_spec(TRAINER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    modules: dict[str, str] = {}
+    for folder in map(Path, spec.submodule_search_locations):
+        for source in sorted(folder.rglob("*.py")):
+            module = ".".join((TRAINER_PACKAGE, *source.relative_to(folder).with_suffix("").parts))
+            for name in _CLASS.findall(source.read_text(errors="replace")):
+                modules.setdefault(name, module)
+    return modules
+
+
+def builtin_trainer_names() -> tuple[str, ...]:
+    return tuple(sorted(builtin_trainer_modules()))
+
+
+def trainer_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a trainer class, or None; imports nothing heavy."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            found = importlib.util.find_spec(module) if module else None
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            return (f'module "{module}" of trainer "{name}" cannot be found. Install the package that holds it, '
+                    'or name one of nnU-Net\'s trainers, e.g. "nnUNetTrainer".')
+        if found.origin and found.origin.endswith(".py") and attr not in _CLASS.findall(
+                Path(found.origin).read_text(errors="replace")):
+            return f'module "{module}" defines no class "{attr}". Check the trainer name ("package.module:Class").'
+        return None
+    known = builtin_trainer_names()
+    if name in known or not known:
+        return None
+    trainers = [n for n in known if "Trainer" in n]
+    return (f'nnU-Net has no trainer class "{name}".{suggest(name, trainers)} Use a class from '
+            'nnunetv2.training.nnUNetTrainer (e.g. "nnUNetTrainer", "nnUNetTrainerNoMirroring") or your own '
+            'subclass as "package.module:Class".')
+
+
+def trainer_class(name: str) -> type:
+    """Import the trainer class named ``name``; a :class:`UserError` if it is missing or not a trainer."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except ImportError as exc:
+            raise UserError(f'trainer "{name}": importing {module} failed ({exc}). Install or fix that module.') \
+                from None
+    elif name in builtin_trainer_modules():  # import its one module, not the whole trainer tree
+        found = getattr(importlib.import_module(builtin_trainer_modules()[name]), name, None)
+    else:  # nnU-Net's own search, which also honours nnUNet_extTrainer
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        try:
+            found = recursive_find_trainer_class_by_name(name)
+        except RuntimeError:
+            found = None
+    if not (isinstance(found, type) and issubclass(found, nnUNetTrainer)):
+        problem = trainer_problem(name) or f'"{name}" is not a subclass of nnUNetTrainer.'
+        raise UserError(f"params.trainer: {problem}")
+    return found
