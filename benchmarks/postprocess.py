@@ -1,0 +1,71 @@
+"""Post-processing steps on a competition-sized volume: seconds per step.
+
+The input is a synthetic float32 prediction of the given size: three wavy sheets with noise,
+so that thresholding leaves sheets, dust and holes to work on. Each step runs on the
+probabilities (mask steps threshold them first at 0.5); the best time of the repeats is
+printed. Target: a few seconds at most per step on 320^3.
+
+    OMP_NUM_THREADS=1 python benchmarks/postprocess.py              # 320^3
+    OMP_NUM_THREADS=1 python benchmarks/postprocess.py --size 128   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from vesuvius_lab.core import registry
+
+STEPS = [
+    ("threshold", {}),
+    ("threshold", {"low": 0.3, "high": 0.8}),
+    ("remove_small_components", {"min_voxels": 500, "connectivity": 26}),
+    ("remove_small_components", {"min_voxels": 500, "connectivity": 6}),
+    ("fill_holes", {"mode": "3d"}),
+    ("fill_holes", {"mode": "3d", "max_hole_voxels": 1000}),
+    ("fill_holes", {"mode": "slices", "axis": 0}),
+    ("fill_holes", {"mode": "closing", "radius": 3}),
+    ("fill_holes", {"mode": "closing", "radius": 3, "element": "ball"}),
+    ("dilate", {"radius": 2}),
+    ("erode", {"radius": 1, "iterations": 2}),
+    ("median", {}),
+    ("median", {"iterations": 2}),
+]
+
+
+def synthetic_prediction(size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z, _, x = np.ogrid[:size, :size, :size]
+    prob = np.zeros((size, size, size), np.float32)
+    for centre in np.linspace(size / 6, 5 * size / 6, 3):
+        distance = np.abs(z - centre - 8 * np.sin(x / 30)).astype(np.float32)
+        prob = np.maximum(prob, np.exp(-distance ** 2 / 4))
+    prob += rng.random(prob.shape, dtype=np.float32) * 0.6
+    return np.clip(prob, 0, 1, out=prob)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    prob = synthetic_prediction(args.size)
+    mask = (prob > 0.5).astype(np.uint8)
+    print(f"{args.size}^3, {mask.mean():.1%} of voxels above 0.5")
+    for name, params in STEPS:
+        step = registry.build("postprocessors", name, params, device="cpu", runs_dir=None, threshold=0.5)
+        for label, volume in (("probabilities", prob), ("mask", mask)):
+            if name == "threshold" and label == "mask":
+                continue
+            best = float("inf")
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                step(volume)
+                best = min(best, time.perf_counter() - start)
+            print(f"{name:24s} {str(params):50s} {label:13s} {best:6.2f} s")
+
+
+if __name__ == "__main__":
+    main()
