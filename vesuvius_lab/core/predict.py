@@ -45,7 +45,7 @@ def load_run(path: Path, *, device: str = "cpu", overrides: dict | None = None,
 
         return load_ensemble(run, spec, device=device, overrides=overrides, checkpoint_name=checkpoint_name)
     model = registry.build("models", spec.model.plugin, spec.model.params, window=spec.data.window,
-                           in_channels=1, out_channels=1)
+                           in_channels=1, out_channels=1, inference=spec.inference)
     if isinstance(model, SelfTrainingModel):
         model.load(run.path, device)
         probabilities = model.predict_probabilities

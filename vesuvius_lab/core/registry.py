@@ -26,7 +26,8 @@ Keep heavy imports (torch, MONAI, ...) inside the factory: listing plugins impor
 modules, and that must stay cheap.
 
 What each group's factory returns:
-  models          a ``torch.nn.Module`` mapping (B, 1, D, H, W) float windows (intensities scaled
+  models          (``inference`` is the experiment's InferenceSpec, for backends that predict
+                  by themselves) a ``torch.nn.Module`` mapping (B, 1, D, H, W) float windows (intensities scaled
                   to [0, 1]) to (B, C, D, H, W) logits, C = ``out_channels``; or, for a framework
                   that trains and predicts by itself, a
                   :class:`vesuvius_lab.core.backend.SelfTrainingModel`
@@ -57,7 +58,7 @@ ENTRY_POINT_PREFIX = "vesuvius_lab."
 
 #: The context keys the core passes to each group's factory (a factory may ignore any of them).
 CONTEXT = {
-    "models": ("window", "in_channels", "out_channels"),
+    "models": ("window", "in_channels", "out_channels", "inference"),
     "losses": (),
     "blenders": ("window",),
     "postprocessors": ("device", "runs_dir", "threshold"),

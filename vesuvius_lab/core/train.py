@@ -133,12 +133,12 @@ def _rank_device(device: str, local_rank: int) -> str:
 
 def _build_model(spec: Experiment) -> Any:
     return registry.build("models", spec.model.plugin, spec.model.params, window=spec.data.window,
-                          in_channels=1, out_channels=1)
+                          in_channels=1, out_channels=1, inference=spec.inference)
 
 
 def _log(run: Run, message: str) -> None:
     if distributed.is_main():
-        err.print(message, highlight=False)
+        err.print(message, highlight=False, markup=False)
         run.log(message)
 
 
