@@ -7,6 +7,7 @@ after its plugin ("dice", "bce"; a plugin used twice gives "dice" and "dice#2").
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,14 @@ class WeightedLoss:
     name: str
     weight: float
     fn: LossFn
+
+    @property
+    def wants_inputs(self) -> bool:
+        """A loss may take an ``inputs`` keyword: the network's input batch (e.g. to weight what it got wrong)."""
+        try:
+            return "inputs" in inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return False
 
 
 class Objective:
@@ -39,16 +48,17 @@ class Objective:
     def names(self) -> list[str]:
         return [term.name for term in self.terms]
 
-    def __call__(self, logits, target, valid):
+    def __call__(self, logits, target, valid, inputs=None):
         import torch
 
         total, values = None, {}
         for term in self.terms:
+            extra = {"inputs": inputs} if term.wants_inputs else {}
             if term.weight == 0:
                 with torch.no_grad():
-                    value = term.fn(logits, target, valid)
+                    value = term.fn(logits, target, valid, **extra)
             else:
-                value = term.fn(logits, target, valid)
+                value = term.fn(logits, target, valid, **extra)
                 total = term.weight * value if total is None else total + term.weight * value
             values[term.name] = value.detach()
         if total is None:  # every weight is 0: nothing to learn from, but keep the graph valid

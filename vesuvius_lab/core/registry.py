@@ -34,7 +34,8 @@ What each group's factory returns:
   losses          a callable ``(logits, target, valid) -> scalar tensor``: logits (B, C, D, H, W)
                   with C = 1 (sigmoid) or 2 (softmax, channel 1 = surface), target (B, 1, D, H, W)
                   float in {0, 1}, valid a bool mask of the target's shape, False where the label
-                  is the ignore label (those voxels must contribute nothing)
+                  is the ignore label (those voxels must contribute nothing); a loss that
+                  declares an ``inputs`` keyword also gets the network's input batch
   blenders        a float32 numpy weight map of the window's shape, strictly positive
   postprocessors  a callable ``(volume (D, H, W) numpy) -> numpy``: surface probabilities
                   (float32) or a mask (uint8) in, probabilities or a mask out

@@ -81,13 +81,29 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
 
+def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: dict) -> np.ndarray:
+    """The hole-stitching task's input: the label's surface with holes punched in, as a uint8 0/255 "image"."""
+    from vesuvius_lab.plugins.hole_stitching import CorruptionParams, punch_holes
+
+    params = CorruptionParams.model_validate(corruption)
+    return punch_holes(label, rng, **params.model_dump()) * np.uint8(255)
+
+
 class PatchStream(IterableDataset):
-    """An endless stream of (image (1, D, H, W) float32, label (1, D, H, W) uint8) training patches."""
+    """An endless stream of (image (1, D, H, W) float32, label (1, D, H, W) uint8) training patches.
+
+    With ``corruption`` (the hole-stitching task) the image is the label itself with holes punched
+    into its sheets, and only geometric augmentation applies.
+    """
 
     def __init__(self, sources: list[PatchSource], window: Sequence[int], *, foreground_share: float,
-                 switches: Augment, seed: int, rank: int = 0, samples: int | None = None):
+                 switches: Augment, seed: int, rank: int = 0, samples: int | None = None,
+                 corruption: dict | None = None):
         self.sources, self.window = sources, tuple(window)
-        self.foreground_share, self.switches = foreground_share, switches
+        self.foreground_share, self.corruption = foreground_share, corruption
+        if corruption is not None:
+            switches = switches.model_copy(update={"intensity": False, "noise": False})
+        self.switches = switches
         self.seed, self.rank, self.samples = seed, rank, samples
         self.epoch = 0
 
@@ -103,6 +119,8 @@ class PatchStream(IterableDataset):
         while limit is None or count < limit:
             source = self.sources[rng.integers(len(self.sources))]
             image, label = crop(source, self.window, rng, rng.random() < self.foreground_share)
+            if self.corruption is not None:
+                image = damaged_label(label, rng, self.corruption)
             image, label = augment(image, label, rng, self.switches)
             yield torch.from_numpy(image[None]), torch.from_numpy(label[None])
             count += 1

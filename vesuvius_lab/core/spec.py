@@ -59,6 +59,20 @@ class DataSpec(Strict):
     foreground_oversample: float = Field(0.33, ge=0, le=1, description="Share of patches centred on surface.")
     augment: Augment = Field(default_factory=Augment)
     ignore_label: int | None = Field(2, description="Label value excluded from losses and the metric.")
+    task: Literal["segmentation", "hole_stitching"] = Field(
+        "segmentation", description="segmentation: CT in, surface out. hole_stitching: a label with holes punched "
+                                    "into its sheets in, the label out (trains a post-processing stitcher).")
+    corruption: dict[str, Any] = Field(default_factory=dict,
+                                       description="hole_stitching: how inputs are damaged (holes, radius, dust...).")
+
+    @field_validator("corruption")
+    @classmethod
+    def _corruption(cls, corruption: dict[str, Any]) -> dict[str, Any]:
+        if corruption:
+            from vesuvius_lab.plugins.hole_stitching import CorruptionParams
+
+            CorruptionParams.model_validate(corruption)
+        return corruption
 
     @field_validator("window")
     @classmethod

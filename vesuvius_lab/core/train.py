@@ -29,7 +29,7 @@ from vesuvius_lab.core.inference import predict_volume
 from vesuvius_lab.core.postprocess import build_chain
 from vesuvius_lab.core.project import Project
 from vesuvius_lab.core.runs import Run, environment, new_run, open_run
-from vesuvius_lab.core.sampling import PatchSource, PatchStream
+from vesuvius_lab.core.sampling import PatchSource, PatchStream, damaged_label
 from vesuvius_lab.core.spec import Experiment
 from vesuvius_lab.core.split import TrainingSplit, check_volumes, make_split
 from vesuvius_lab.core.validation import ValidationResult, validate
@@ -80,6 +80,8 @@ def train(loaded: LoadedExperiment | None, project: Project, *, nproc: int | Non
     split = make_split(spec)
     if distributed.is_main() and not distributed.launched_by_torchrun():
         check_volumes(split, spec.data.window, project.cache_dir)
+        # Build the chain once now: a step that cannot load (a missing stitcher run) fails before training.
+        build_chain(spec.postprocess, threshold=spec.inference.threshold, device=device, runs_dir=project.runs_dir)
     world_size = int(os.environ["WORLD_SIZE"]) if distributed.launched_by_torchrun() else spec.train.nproc
     if distributed.launched_by_torchrun():
         distributed.init(int(os.environ["RANK"]), world_size, _rank_device(device, int(os.environ.get("LOCAL_RANK", 0))))
@@ -250,9 +252,11 @@ class Trainer:
                                            open_volume(self.setup.split.label(i), self.setup.cache_dir), rng)
                    for i in self.setup.split.train_ids]
         train = self.spec.train
+        stitching = self.spec.data.task == "hole_stitching"
         self.stream = PatchStream(sources, self.spec.data.window, foreground_share=self.spec.data.foreground_oversample,
                                   switches=self.spec.data.augment, seed=train.seed, rank=self.rank,
-                                  samples=train.iterations_per_epoch * train.batch_size)
+                                  samples=train.iterations_per_epoch * train.batch_size,
+                                  corruption=self.spec.data.corruption if stitching else None)
         return DataLoader(self.stream, batch_size=train.batch_size, num_workers=train.workers,
                           pin_memory=self.device.startswith("cuda"))
 
@@ -289,7 +293,7 @@ class Trainer:
         with sync:
             with _autocast(self.device, self.amp_dtype):
                 logits = self.ddp_model(image)
-                loss, terms = self.objective(logits, target, valid)
+                loss, terms = self.objective(logits, target, valid, inputs=image)
             if not torch.isfinite(loss):
                 epoch, index = where
                 raise NonFiniteLoss(
@@ -350,13 +354,21 @@ def validate_model(model: torch.nn.Module, spec: Experiment, setup: Setup, devic
     def predict(image: np.ndarray) -> np.ndarray:
         return predict_volume(image, model, spec.inference, window=spec.inference_window, device=device)
 
-    return validate(predict, _validation_cases(setup), chain, ignore_label=spec.data.ignore_label)
+    return validate(predict, _validation_cases(setup), chain, ignore_label=spec.data.ignore_label,
+                    score_input=spec.data.task == "hole_stitching")
 
 
 def _validation_cases(setup: Setup):
+    """(id, input, label) per validation volume; for hole stitching the input is the damaged label,
+    damaged the same way at every validation (seeded by the volume id)."""
+    stitching = setup.spec.data.task == "hole_stitching"
     for volume_id in setup.split.val_ids:
-        yield (volume_id, open_volume(setup.split.image(volume_id), setup.cache_dir),
-               open_volume(setup.split.label(volume_id), setup.cache_dir))
+        label = open_volume(setup.split.label(volume_id), setup.cache_dir)
+        if stitching:
+            rng = np.random.default_rng([setup.spec.train.seed, *volume_id.encode()])
+            yield volume_id, damaged_label(np.asarray(label), rng, setup.spec.data.corruption), label
+        else:
+            yield volume_id, open_volume(setup.split.image(volume_id), setup.cache_dir), label
 
 
 def write_summary(run: Run, spec: Experiment, *, wall_time: float, parameters: int | None,

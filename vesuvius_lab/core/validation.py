@@ -32,12 +32,23 @@ class ValidationResult:
         return {"mean": self.mean, "volumes": self.volumes, "steps": self.steps}
 
 
+#: The step label of the input's own score, recorded when the input is itself a mask (hole stitching).
+INPUT_LABEL = "input"
+
+
 def validate(predict: VolumePredictor, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], chain: Chain,
-             *, ignore_label: int | None = 2, on_volume: Callable[[str], None] | None = None) -> ValidationResult:
-    """Score ``predict`` on ``(id, image, label)`` cases after each step of ``chain``."""
-    per_step: dict[str, list] = {label: [] for label in chain.labels}
+             *, ignore_label: int | None = 2, score_input: bool = False,
+             on_volume: Callable[[str], None] | None = None) -> ValidationResult:
+    """Score ``predict`` on ``(id, image, label)`` cases after each step of ``chain``.
+
+    ``score_input`` also scores the input itself (for inputs that are masks, e.g. damaged labels),
+    so the steps show what the model added over it.
+    """
+    per_step: dict[str, list] = {label: [] for label in ([INPUT_LABEL] if score_input else []) + chain.labels}
     volumes = []
     for volume_id, image, label in cases:
+        if score_input:
+            per_step[INPUT_LABEL].append(score_volume(np.asarray(image), np.asarray(label), ignore_label=ignore_label))
         probabilities = predict(np.asarray(image))
         final = None
         for step_label, mask in chain.apply_steps(probabilities):

@@ -387,7 +387,8 @@ def load_stitcher(path: Path, device: Any = "cpu") -> tuple["torch.nn.Module", S
 
 class HoleStitchingParams(_Params):
     checkpoint: Path | None = Field(None, description="A stitcher checkpoint file (relative to the working directory).")
-    run: str | None = Field(None, description="A run folder relative to the runs dir (or absolute); uses its checkpoints/best.pt.")
+    run: str | None = Field(None, description="A run folder, or an experiment name (its newest finished run), "
+                                              "relative to the runs dir; uses its checkpoints/best.pt.")
     window: Shape3 | None = Field(None, description="Sliding window; default the training window, else 64^3.")
     overlap: float = Field(0.5, ge=0, lt=1, description="Window overlap fraction.")
     batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
@@ -409,6 +410,14 @@ def _checkpoint_path(params: HoleStitchingParams, runs_dir: Path | None) -> Path
     run = Path(params.run)
     if not run.is_absolute():
         run = Path(runs_dir or "runs") / run
+    if not (run / "spec.json").is_file() and run.is_dir():  # an experiment name: its newest finished run
+        from vesuvius_lab.core.runs import effective_state, find_runs
+
+        finished = [r for r in find_runs(run.parent) if r.experiment == run.name and effective_state(r) == "finished"]
+        if not finished:
+            raise UserError(f"{run}: no finished run of this experiment to take the stitcher from. Train it first "
+                            f"(vlab train experiments/quick/hole_stitcher.toml) or name a run folder.")
+        run = max(finished, key=lambda r: r.id).path
     return run / "checkpoints" / "best.pt"
 
 
@@ -460,3 +469,46 @@ def hole_stitching_unet(params: HoleStitchingParams, *, device: Any = "cpu", run
         return merge_stitched(mask, stitched, params.merge, params.max_distance)
 
     return step
+
+
+# --------------------------------------------------------------------------- trained by `vlab train`
+
+
+def _check_stitcher_windows(params: StitcherNetParams, spec: Any):
+    """Windows must be multiples of the network's downsampling; the core feeds one channel (the mask)."""
+    from vesuvius_lab.core.windows import spec_windows, window_problems
+
+    multiple = params.window_multiple
+    for message in window_problems(spec_windows(spec), (multiple,) * 3, network=f"a UNet of {len(params.channels)} levels"):
+        yield "", message
+    if params.in_channels != 1:
+        yield "in_channels", "vlab train feeds the stitcher the damaged mask alone: use in_channels = 1."
+    if spec.data.task != "hole_stitching":
+        yield "", 'the stitcher learns to repair labels: set [data] task = "hole_stitching".'
+
+
+@plugin(StitcherNetParams, check=_check_stitcher_windows)
+def hole_stitcher_unet(params: StitcherNetParams, **context):
+    """Small 3D UNet that repairs holes in sheet masks (train with [data] task = "hole_stitching")."""
+    return build_stitcher_network(params)
+
+
+class StitchLossParams(_Params):
+    gradient_weight: float = Field(1.0, ge=0, description="Weight of the finite-difference (smoothness) term.")
+    damage_weight: float = Field(5.0, ge=0, description="Voxels where the input differs from the label (the "
+                                                         "punched holes) count 1 + this; without it the network "
+                                                         "learns to copy its input.")
+
+
+@plugin(StitchLossParams)
+def stitch(params: StitchLossParams, **context):
+    """L1 reconstruction plus a gradient-matching term (the hole stitcher's loss), ignore-masked."""
+
+    def loss(logits, target, valid, inputs=None):
+        weights = valid.float()
+        if inputs is not None and params.damage_weight:
+            damaged = (inputs[:, :1] > 0.5) != (target > 0.5)
+            weights = weights * (1 + params.damage_weight * damaged.float())
+        return stitcher_loss(logits, target, weights, gradient_weight=params.gradient_weight)
+
+    return loss
