@@ -15,11 +15,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The main job on the embedded synthetic data: every model family's quick experiment (2.5D SMP,
+# MONAI 3D, nnU-Net), the hole stitcher and an experiment using it, an ensemble, a submission
+# and the leaderboard. About 15-25 minutes on 2 CPU cores. Finished runs are skipped on a rerun.
+QUICK := unet25d monai_unet nnunet hole_stitcher unet25d_stitched
+FOLD0_MEMBERS := ensemble.members=[{experiment="quick-unet25d", folds=[0]}, {experiment="quick-monai-unet", folds=[0]}]
+
 demo: $(STAMP)
 	$(BIN)/vlab data synth --out $(DEMO_DATA)
 	$(BIN)/vlab data check $(DEMO_DATA)
-	$(BIN)/vlab validate experiments/*.toml experiments/quick/*.toml
+	$(BIN)/vlab validate experiments/quick/*.toml
 	$(BIN)/vlab plugins
+	$(BIN)/vlab run $(foreach e,$(QUICK),experiments/quick/$(e).toml)
+	$(BIN)/vlab ensemble experiments/quick/ensemble.toml --set '$(FOLD0_MEMBERS)'
+	$(BIN)/vlab submit quick-ensemble --input $(DEMO_DATA)/test_images --output runs/submission.zip
+	$(BIN)/vlab leaderboard
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -122,18 +122,19 @@ def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dir")
 @click.option("--input", "-i", "source", required=True, type=click.Path(), help="A .tif volume or a folder of them.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for <id>.tif masks.")
 @click.option("--probabilities", is_flag=True, help="Also write <id>_prob.tif float16 probabilities.")
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
 @click.pass_obj
 def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides):
-    """Predict volumes with a trained run: masks after the run's post-processing chain."""
+    """Predict volumes with a trained run (a run folder, or an experiment name for its newest finished run):
+    masks after the run's post-processing chain."""
     from vesuvius_lab.core.predict import input_volumes, load_run, predict_files
 
     volumes = input_volumes(Path(source))
-    predictor = load_run(Path(run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
+    predictor = load_run(_run_path(obj, run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
     with _volume_progress(len(volumes), "predicting") as advance:
         for volume_id in predict_files(predictor, volumes, Path(output), probabilities=probabilities):
             advance(volume_id)
@@ -167,21 +168,29 @@ def ensemble(obj: ProjectContext, experiment, overrides):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dir")
 @click.option("--input", "-i", "source", required=True, type=click.Path(), help="The test_images folder.")
 @click.option("--output", "-o", default="submission.zip", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
 @click.pass_obj
 def submit(obj: ProjectContext, run_dir, source, output, overrides):
-    """Write the competition's submission.zip (<id>.tif, uint8, each input's shape)."""
+    """Write the competition's submission.zip (<id>.tif, uint8, each input's shape) with a run (a run
+    folder, or an experiment name for its newest finished run)."""
     from vesuvius_lab.core.predict import input_volumes, load_run, write_submission
 
     volumes = input_volumes(Path(source))
-    predictor = load_run(Path(run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
+    predictor = load_run(_run_path(obj, run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
     with _volume_progress(len(volumes), "submission") as advance:
         for volume_id in write_submission(predictor, volumes, Path(output)):
             advance(volume_id)
     out.print(f"wrote {output} ({len(volumes)} volumes)")
+
+
+def _run_path(obj: ProjectContext, text: str) -> Path:
+    """A run folder, a path under the runs directory, or an experiment name (its newest finished run)."""
+    from vesuvius_lab.core.run_records import resolve_run
+
+    return resolve_run(text, obj.project().runs_dir).path
 
 
 def _device(obj: ProjectContext) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.runs import Run, effective_state
+from vesuvius_lab.core.runs import Run, effective_state, latest_finished
 
 #: Spec keys never shown as differing columns: identity, paths, the fold, and what the plugin
 #: columns already show.
@@ -126,12 +126,17 @@ def read_runs(runs_dir: Path) -> list[RunRecord]:
 
 
 def resolve_run(text: str, runs_dir: Path) -> Run:
-    """A run folder given as a path, or relative to the runs directory (``experiment/run-id``)."""
+    """A run folder given as a path or relative to the runs directory (``experiment/run-id``), or an
+    experiment name, meaning its newest finished run."""
     for candidate in (Path(text), Path(runs_dir) / text):
         if (candidate / "spec.json").is_file():
             return Run(candidate.resolve())
-    raise UserError(f"{text}: not a run directory (no spec.json there, nor under {runs_dir}). Give a path "
-                    "such as runs/<experiment>/<run-id>; `vlab leaderboard --runs` lists the runs.")
+    for candidate in (Path(text), Path(runs_dir) / text):
+        if candidate.is_dir() and (run := latest_finished(candidate)) is not None:
+            return Run(run.path.resolve())
+    raise UserError(f"{text}: not a run directory (no spec.json there, nor under {runs_dir}) nor an experiment "
+                    "with a finished run. Give a path such as runs/<experiment>/<run-id>, or an experiment name; "
+                    "`vlab leaderboard --runs` lists the runs.")
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -131,6 +131,13 @@ def find_runs(runs_dir: Path) -> list[Run]:
     return sorted(Run(p.parent) for p in runs_dir.glob("[!.]*/*/spec.json"))
 
 
+def latest_finished(experiment_dir: Path) -> Run | None:
+    """The newest finished run in ``runs/<experiment>/``, if any."""
+    finished = [Run(p.parent) for p in Path(experiment_dir).glob("*/spec.json")]
+    finished = [run for run in finished if effective_state(run) == "finished"]
+    return max(finished, key=lambda run: (run.read("status.json", {}).get("updated", ""), run.id), default=None)
+
+
 def effective_state(run: Run) -> str:
     """The recorded state, except that a "running" run whose process is gone is "killed"."""
     status = run.read("status.json", {})

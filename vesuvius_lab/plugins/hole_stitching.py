@@ -407,18 +407,9 @@ class HoleStitchingParams(_Params):
 def _checkpoint_path(params: HoleStitchingParams, runs_dir: Path | None) -> Path:
     if params.checkpoint is not None:
         return params.checkpoint
-    run = Path(params.run)
-    if not run.is_absolute():
-        run = Path(runs_dir or "runs") / run
-    if not (run / "spec.json").is_file() and run.is_dir():  # an experiment name: its newest finished run
-        from vesuvius_lab.core.runs import effective_state, find_runs
+    from vesuvius_lab.core.run_records import resolve_run
 
-        finished = [r for r in find_runs(run.parent) if r.experiment == run.name and effective_state(r) == "finished"]
-        if not finished:
-            raise UserError(f"{run}: no finished run of this experiment to take the stitcher from. Train it first "
-                            f"(vlab train experiments/quick/hole_stitcher.toml) or name a run folder.")
-        run = max(finished, key=lambda r: r.id).path
-    return run / "checkpoints" / "best.pt"
+    return resolve_run(params.run, Path(runs_dir or "runs")).checkpoints / "best.pt"
 
 
 def _device(device: Any) -> str:
