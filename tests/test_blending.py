@@ -8,7 +8,8 @@ import torch
 from monai.data.utils import compute_importance_map
 from pydantic import ValidationError
 
-from vesuvius_lab.core.registry import build, names
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.registry import build, load, names
 
 WINDOWS = [(1, 1, 1), (1, 3, 2), (5, 8, 9), (7, 7, 7), (16, 32, 32)]
 
@@ -74,4 +75,6 @@ def test_center_keeps_the_central_block():
 ])
 def test_invalid_params_are_rejected(name, params):
     with pytest.raises(ValidationError):
+        load("blenders", name).Params.model_validate(params)
+    with pytest.raises(UserError, match="Invalid params for this plugin"):
         build("blenders", name, params, window=(4, 4, 4))

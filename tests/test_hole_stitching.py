@@ -127,6 +127,7 @@ def test_checkpoint_round_trip_and_run_folders(tmp_path):
     # A run's checkpoint (the training loop's format) found through runs_dir.
     run = tmp_path / "runs" / "stitcher" / "r1" / "checkpoints"
     run.mkdir(parents=True)
+    (run.parent / "spec.json").write_text("{}")  # what makes a folder a run
     torch.save({"model": state, "model_params": params.model_dump(mode="json"), "model_plugin": "x"},
                run / "best.pt")
     mask = (sheets(shape=(20, 24, 24)) == 1).astype(np.uint8)
@@ -137,7 +138,7 @@ def test_checkpoint_round_trip_and_run_folders(tmp_path):
     np.testing.assert_array_equal(by_run(mask), by_file(mask))
     assert by_file(mask).dtype == np.uint8 and (by_file(mask) >= mask).all()  # near: never removes a voxel
 
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="not a run directory"):
         registry.build("postprocessors", "hole_stitching_unet", {"run": "stitcher/missing"},
                        device="cpu", runs_dir=tmp_path / "runs", threshold=0.5)
     with pytest.raises(UserError, match="multiple of 2"):
