@@ -9,10 +9,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_experiment
 
 from vesuvius_lab.core import checkpoint, distributed
 from vesuvius_lab.core.runs import effective_state, find_runs
@@ -75,29 +75,13 @@ def test_full_disk_while_predicting_fails_loudly_and_leaves_no_partial_file(tiny
     assert [p for p in out.iterdir() if not p.name.startswith(".")] == []
 
 
-TWO = """
-    name = "{name}"
-    [data]
-    window = [8, 32, 32]
-    folds = 3
-    [model]
-    plugin = "smp_unet25d"
-    params = {{ encoder = "resnet18", encoder_depth = 3, decoder_channels = [16, 8, 8] }}
-    [train]
-    epochs = 1
-    iterations_per_epoch = 2
-    batch_size = 2
-    workers = 0
-"""
-
-
 def test_two_runs_into_one_runs_dir_while_reading(synth_data, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "VLAB_DATA": str(synth_data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
     processes = []
     for name in ("same", "same"):  # two runs of one experiment also race for a folder name
         path = tmp_path / f"{name}-{len(processes)}.toml"
-        path.write_text(textwrap.dedent(TWO.format(name=name)))
+        path.write_text(tiny_experiment(name))
         processes.append(subprocess.Popen([sys.executable, "-m", "vesuvius_lab", "train", str(path)], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     reads = 0

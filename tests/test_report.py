@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_experiment
 
 from vesuvius_lab.cli import main
 from vesuvius_lab.core.pictures import (ALPHA, BACKGROUND, COLOURS, EXTRA, FOUND, IGNORED, LABELLED, MISSED,
@@ -19,22 +20,7 @@ from vesuvius_lab.core.spec import Experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-TINY = """
-name = "pictured"
-[data]
-window = [8, 32, 32]
-folds = 3
-[model]
-plugin = "smp_unet25d"
-params = { encoder = "resnet18", encoder_depth = 3, decoder_channels = [16, 8, 4] }
-[train]
-epochs = 2
-iterations_per_epoch = 2
-batch_size = 1
-workers = 0
-[inference]
-overlap = 0.0
-"""
+TINY = tiny_experiment("pictured", epochs=2)
 
 
 @pytest.fixture(scope="module")

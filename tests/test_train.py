@@ -8,45 +8,22 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_experiment
 
 from vesuvius_lab.core import checkpoint
 from vesuvius_lab.core.runs import Run, effective_state, find_runs
 
-TINY = """
-    name = "tiny"
-    [data]
-    window = [8, 32, 32]
-    folds = 3
-    [model]
-    plugin = "smp_unet25d"
-    params = {{ encoder = "resnet18", encoder_depth = 3, decoder_channels = [16, 8, 8] }}
-    [[loss]]
-    plugin = "dice"
-    weight = 0.5
-    [[loss]]
-    plugin = "bce"
-    weight = 0.5
-    [train]
-    epochs = {epochs}
-    iterations_per_epoch = {iterations}
-    batch_size = 2
-    workers = 0
-    lr = 0.003
-    [inference]
-    overlap = 0.25
-    batch_size = 8
-"""
+
 
 
 def experiment(tmp_path: Path, epochs: int = 2, iterations: int = 4) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(textwrap.dedent(TINY.format(epochs=epochs, iterations=iterations)))
+    path.write_text(tiny_experiment(epochs=epochs, iterations=iterations))
     return path
 
 
