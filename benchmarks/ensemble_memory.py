@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import _summary
 from vesuvius_lab.core.ensemble import combine
 
 
@@ -29,7 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="Side of the cubic volume.")
     parser.add_argument("--members", type=int, default=5, help="Cached members to combine.")
+    _summary.add_argument(parser)
     args = parser.parse_args()
+    rows = []
     shape = (args.size,) * 3
     volume_bytes = int(np.prod(shape)) * 4
     rng = np.random.default_rng(0)
@@ -46,7 +49,12 @@ def main() -> None:
             tracemalloc.stop()
             print(f"{mode:>10}: {args.members} members of {args.size}^3, peak {peak / 2**20:.1f} MiB = "
                   f"{peak / volume_bytes:.2f} x one float32 volume ({volume_bytes / 2**20:.0f} MiB)")
+            rows.append(_summary.row("ensemble_memory", f"peak memory combining {args.members} cached members of "
+                                     f"{args.size}^3, mode {mode}", peak / volume_bytes, "x one volume",
+                                     target="<= 2.0", note=f"{peak / 2**20:.0f} MiB; one float32 volume "
+                                                           f"{volume_bytes / 2**20:.0f} MiB"))
             del combined
+    _summary.write(args.summary, rows)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import _summary
 from vesuvius_lab.core.inference import sliding_window
 
 STATUS = Path("/proc/self/status")
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--net", choices=("conv", "identity"), default="conv",
                         help="identity: no network at all, so the times compare the engines alone")
+    _summary.add_argument(parser)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -169,12 +171,24 @@ def main() -> None:
             print(f"  {name:12s} {result['seconds']:8.2f} s")
 
     ours, monai = best["vesuvius_lab"], best["monai"]
-    print(f"max |ours - monai| = {np.abs(ours['result'] - monai['result']).max():.2e}")
+    difference = float(np.abs(ours['result'] - monai['result']).max())
+    print(f"max |ours - monai| = {difference:.2e}")
     print(f"{'engine':12s} {'time s':>8s} {'outside predictor':>24s} {'peak MiB':>9s}")
     for name, r in best.items():
         print(f"{name:12s} {r['seconds']:8.2f} {r['outside_s']:14.3f} s {r['outside']:6.1%} {r['mib']:9.0f}")
     print(f"time ratio vesuvius_lab / monai = {ours['seconds'] / monai['seconds']:.3f} (target <= 1.0); "
           f"share outside the predictor = {ours['outside']:.1%} (target <= 5%)")
+    setting = f"{args.size}^3 uint8, window {'x'.join(map(str, args.window))}, net {args.net}, {device}"
+    _summary.write(args.summary, [
+        _summary.row("inference", f"sliding window time, {setting}", ours["seconds"], "s", peer=monai["seconds"],
+                     peer_name="MONAI sliding_window_inference", target="<= 1.0",
+                     note=f"best of {args.repeats}; max |ours - MONAI| {difference:.1e}"),
+        _summary.row("inference", "share of time outside the predictor", 100 * ours["outside"], "%",
+                     peer=100 * monai["outside"], peer_name="MONAI sliding_window_inference", target="<= 5%",
+                     note=f"{ours['outside_s']:.2f} s ours, {monai['outside_s']:.2f} s MONAI"),
+        _summary.row("inference", "peak memory above the start", ours["mib"], "MiB", peer=monai["mib"],
+                     peer_name="MONAI sliding_window_inference"),
+    ])
 
 
 if __name__ == "__main__":

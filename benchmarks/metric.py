@@ -1,6 +1,6 @@
 """Time the competition metric on 320^3 pairs and compare it with its peers.
 
-Run: ``.venv/bin/python benchmarks/metric.py [--size 320] [--repeat 3]``
+Run: ``.venv/bin/python benchmarks/metric.py [--size 320] [--repeat 3] [--summary FILE]``
 
 Prints, for a scroll-like pair: the seconds of ``score_volume`` (CPU and wall clock) and the
 CPU seconds of each part (SurfaceDice, VOI, the Betti numbers and the matched counts per
@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import _summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,7 +193,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="side of the cubic test volume")
     parser.add_argument("--repeat", type=int, default=3, help="runs of ours; the fastest (CPU) is shown")
+    _summary.add_argument(parser)
     args = parser.parse_args()
+    rows = []
 
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as cache:
@@ -216,6 +220,9 @@ def main() -> None:
              ("TopoScore dim 0 (m_0)", "dim0"), ("TopoScore dim 1 (m_1)", "dim1"), ("TopoScore dim 2 (m_2)", "dim2")]
     for name, key in parts:
         print(f"  {name:28s} {timings.get(key, 0.0):6.2f} s CPU")
+    rows.append(_summary.row("metric", f"score_volume, scroll-like {args.size}^3 pair", clock.cpu, "s CPU",
+                             peer_name="official Betti-Matching-3D",
+                             note=f"wall {clock.wall:.2f} s, best of {args.repeat}; {betti_matching_peer()}"))
 
     print("\npeers on the same arrays (ratio = peer CPU time / ours):")
     peer_clock, peer_dice = time_surface_distance_peer(pred_fg, label_fg)
@@ -223,11 +230,17 @@ def main() -> None:
     print(f"  SurfaceDice  surface_distance {peer_clock.cpu:6.2f} s   ours {timings['surface_dice']:5.2f} s   "
           f"x{peer_clock.cpu / timings['surface_dice']:.1f}   value {peer_dice:.12f} "
           f"({'agrees' if diff < 1e-9 else 'DIFFERS'}, |diff| {diff:.1e})")
+    rows.append(_summary.row("metric", "SurfaceDice part", timings["surface_dice"], "s CPU", peer=peer_clock.cpu,
+                             peer_name="surface-distance",
+                             note=f"values {'agree' if diff < 1e-9 else 'DIFFER'} (|diff| {diff:.1e})"))
     peer_clock, split, merge = time_voi_peer(pred_fg, label_fg)
     diff = max(abs(split - score.voi_split), abs(merge - score.voi_merge))
     print(f"  VOI          scikit-image     {peer_clock.cpu:6.2f} s   ours {timings['voi']:5.2f} s   "
           f"x{peer_clock.cpu / timings['voi']:.1f}   split {split:.12f} merge {merge:.12f} "
           f"({'agrees' if diff < 1e-9 else 'DIFFERS'}, |diff| {diff:.1e})")
+    rows.append(_summary.row("metric", "VOI part", timings["voi"], "s CPU", peer=peer_clock.cpu,
+                             peer_name="scikit-image",
+                             note=f"values {'agree' if diff < 1e-9 else 'DIFFER'} (|diff| {diff:.1e})"))
     print(f"  TopoScore    {betti_matching_peer()}")
 
     pred_t, label_t = mirrored_conformance_pair(size=args.size)
@@ -235,6 +248,8 @@ def main() -> None:
     print(f"\ntunnel-heavy pair (conformance case101_02_dust mirrored to {args.size}^3): {t_clock.cpu:.2f} s CPU, "
           f"{t_clock.wall:.2f} s wall per volume\n  betti (m, p, g) {t_score.betti}")
     print("  CPU s: " + ", ".join(f"{name.split(' (')[0]} {t_timings.get(key, 0.0):.2f}" for name, key in parts))
+    rows.append(_summary.row("metric", f"score_volume, tunnel-heavy {args.size}^3 pair", t_clock.cpu, "s CPU",
+                             note=f"wall {t_clock.wall:.2f} s; conformance case101_02_dust mirrored"))
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pair.npz"
@@ -242,12 +257,17 @@ def main() -> None:
         before, after = (float(x) for x in run_child(CHILD_MEMORY, str(path)).split())
     print(f"\npeak memory of a process scoring the volume: {after:.0f} MiB "
           f"({before:.0f} MiB after loading the pair, before scoring)")
+    rows.append(_summary.row("metric", "peak memory of a process scoring the volume", after, "MiB",
+                             note=f"{before:.0f} MiB after loading the pair"))
+    rows.append(_summary.row("metric", "first call in a fresh process", cold, "s",
+                             note=f"numba compile without cache; {warm:.1f} s with the cache"))
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     summary = {}
     for key, (c, t) in {"scroll_like": (clock, timings), "tunnel_heavy": (t_clock, t_timings)}.items():
         summary[key] = {"cpu_s": round(c.cpu, 3), "wall_s": round(c.wall, 3),
                         "parts_cpu_s": {k: round(v, 3) for k, v in t.items()}}
     print(json.dumps({**summary, "peak_mib": round(after), "compile_s": round(cold, 1)}))
+    _summary.write(args.summary, rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+import _summary
 from vesuvius_lab.core import registry
 from vesuvius_lab.core.experiment import load_experiment
 from vesuvius_lab.core.models import count_parameters
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="Timed training steps per experiment.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first.")
     parser.add_argument("--only", nargs="*", default=[], help="Only experiments using these model plugins.")
+    _summary.add_argument(parser)
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     console = Console(width=max(Console().width, 150))  # the table stays readable in logs
@@ -190,6 +192,11 @@ def main() -> None:
                 torch.cuda.empty_cache()
             progress.advance(task)
     console.print(table(rows, device))
+    _summary.write(args.summary, [_summary.row(
+        "models", f"{r.experiment} ({r.plugin}), window {'x'.join(map(str, r.window))}, batch {r.batch}",
+        r.batch / r.seconds_per_step if r.seconds_per_step else None, "samples/s",
+        note=(f"peak {r.peak_mib:.0f} MiB, {r.parameters / 1e6:.2f} M params, {r.seconds_per_step:.2f} s/step, "
+              f"{device}" if r.seconds_per_step else r.note)) for r in rows])
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+import _summary
+
 PATCH, STAGES, FEATURES, BATCH = [32, 32, 32], 3, [8, 16, 32], 2
 PARAMS = {
     "planner": "nnUNetPlannerResEncM", "configuration": "3d_fullres", "trainer": "nnUNetTrainer",
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=5, help="iterations per epoch")
     parser.add_argument("--repeats", type=int, default=2)
+    _summary.add_argument(parser)
     args = parser.parse_args()
 
     import contextlib
@@ -224,6 +227,15 @@ def main() -> None:
         Console().print(table)
         print(f"largest difference between the two sides' probabilities: {same:.2e} "
               "(both seed their trainer alike; 0 means the same model and the same prediction)")
+        setting = f"{args.n} volumes of {args.side}^3, {args.epochs} epochs x {args.iterations} iterations"
+        rows = [_summary.row("nnunet", f"total wall time, {setting}", total["ours"], "s", peer=total["direct"],
+                             peer_name="nnU-Net called directly", target="overhead <= 5%",
+                             note=f"overhead {100 * (total['ours'] / total['direct'] - 1):+.1f}%, best of "
+                                  f"{args.repeats}; max |ours - direct| probability {same:.1e}")]
+        rows += [_summary.row("nnunet", phase, seconds, "s", peer=best["direct"].get(phase),
+                              peer_name="nnU-Net called directly" if phase in best["direct"] else None)
+                 for phase, seconds in best["ours"].items()]
+        _summary.write(args.summary, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

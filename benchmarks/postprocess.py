@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+import _summary
 from vesuvius_lab.core import registry
 
 STEPS = [
@@ -50,7 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=2)
+    _summary.add_argument(parser)
     args = parser.parse_args()
+    rows = []
     prob = synthetic_prediction(args.size)
     mask = (prob > 0.5).astype(np.uint8)
     print(f"{args.size}^3, {mask.mean():.1%} of voxels above 0.5")
@@ -65,6 +68,11 @@ def main() -> None:
                 step(volume)
                 best = min(best, time.perf_counter() - start)
             print(f"{name:24s} {str(params):50s} {label:13s} {best:6.2f} s")
+            described = ", ".join(f"{key}={value}" for key, value in params.items())
+            rows.append(_summary.row("postprocess", f"{name}({described}) on {label}, {args.size}^3", best, "s",
+                                     target="a few s at most" if args.size >= 320 else None,
+                                     note=f"best of {args.repeats}"))
+    _summary.write(args.summary, rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput: the whole pipeline (memory-mapped volumes, patch sampling, augmentation,
 DataLoader workers) against the model alone on a batch already in memory.
 
-    .venv/bin/python benchmarks/train.py [--experiment experiments/quick/unet25d.toml] [--iterations 20]
+    .venv/bin/python benchmarks/train.py [--experiment experiments/quick/unet25d.toml] [--iterations 20] [--summary FILE]
 
 Prints samples/s of both and their ratio (target: at least 0.9, i.e. the loader never starves
 the model). Both run the same train_step (forward, loss, backward, optimizer step).
@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+import _summary
 from vesuvius_lab.core.experiment import load_experiment
 from vesuvius_lab.core.project import load_project
 from vesuvius_lab.core.runs import new_run
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), help="synthetic volume shape")
+    _summary.add_argument(parser)
     args = parser.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,10 +47,10 @@ def main() -> None:
         run = new_run(project.runs_dir, spec.name, spec.data.fold)
         setup = Setup(spec, run.path, project.runs_dir, project.cache_dir, "cpu", make_split(spec), resume=False)
         trainer = Trainer(setup, 0, 1, "cpu")
-        loader = trainer._loader()
-        image, label = next(iter(loader))
-        trainer.train_step(image, label)  # warm-up: first-call allocations and kernels
-        pipeline = trainer._train_epoch(0, loader)["samples_per_s"]
+        batches = trainer.batches(start_epoch=0)
+        image, label = next(batches)  # warm-up: workers started, first-call allocations and kernels
+        trainer.train_step(image, label)
+        pipeline = trainer._train_epoch(0, batches)["samples_per_s"]
         started = time.perf_counter()
         for _ in range(args.iterations):
             trainer.train_step(image, label)
@@ -59,6 +61,11 @@ def main() -> None:
         table.add_column(column, justify="right")
     table.add_row(f"{pipeline:.2f}", f"{alone:.2f}", f"{pipeline / alone:.3f}")
     console.print(table)
+    _summary.write(args.summary, [_summary.row(
+        "train", f"training samples/s, {spec.name}, window {'x'.join(map(str, spec.data.window))}", pipeline,
+        "samples/s", peer=alone, peer_name="model alone, batch in memory", target=">= 0.9",
+        note=f"batch {spec.train.batch_size}, {args.workers} workers, {args.iterations} iterations, "
+             f"volumes {'x'.join(map(str, args.shape))}")])
 
 
 if __name__ == "__main__":

@@ -97,30 +97,26 @@ class PatchStream(IterableDataset):
     """
 
     def __init__(self, sources: list[PatchSource], window: Sequence[int], *, foreground_share: float,
-                 switches: Augment, seed: int, rank: int = 0, samples: int | None = None,
-                 corruption: dict | None = None):
+                 switches: Augment, seed: int, rank: int = 0, corruption: dict | None = None):
         self.sources, self.window = sources, tuple(window)
         self.foreground_share, self.corruption = foreground_share, corruption
         if corruption is not None:
             switches = switches.model_copy(update={"intensity": False, "noise": False})
         self.switches = switches
-        self.seed, self.rank, self.samples = seed, rank, samples
+        self.seed, self.rank = seed, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Seed the next iterator for this epoch (a resumed run starts its stream where it resumes)."""
         self.epoch = epoch
 
     def __iter__(self):
         worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        rng = np.random.default_rng([self.seed, self.rank, worker_id, self.epoch])
-        count = 0
-        limit = None if self.samples is None else -(-self.samples // workers)
-        while limit is None or count < limit:
+        rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0, self.epoch])
+        while True:
             source = self.sources[rng.integers(len(self.sources))]
             image, label = crop(source, self.window, rng, rng.random() < self.foreground_share)
             if self.corruption is not None:
                 image = damaged_label(label, rng, self.corruption)
             image, label = augment(image, label, rng, self.switches)
             yield torch.from_numpy(image[None]), torch.from_numpy(label[None])
-            count += 1

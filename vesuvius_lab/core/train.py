@@ -225,13 +225,13 @@ class Trainer:
         spec = self.spec.train
         if self.start_epoch >= spec.epochs:
             _log(self.run, f"all {spec.epochs} epochs are done already; nothing to train.")
-        loader = self._loader()
+        batches = self.batches(self.start_epoch)
         started = time.time()
         epoch = self.start_epoch
         try:
             for epoch in range(self.start_epoch, spec.epochs):
                 self.run.set_status("running", epoch=epoch + 1) if self.rank == 0 else None
-                record = self._train_epoch(epoch, loader)
+                record = self._train_epoch(epoch, batches)
                 if (epoch + 1) % spec.validate_every == 0 or epoch + 1 == spec.epochs:
                     record["val"] = self._validate_and_keep_best(epoch)
                 self._save("last", epoch)
@@ -244,7 +244,10 @@ class Trainer:
         if self.rank == 0:
             self._finish(time.time() - started)
 
-    def _loader(self):
+    def batches(self, start_epoch: int):
+        """An endless iterator of training batches. Its workers live as long as it does, so they start
+        once per run rather than once per epoch; its random stream is seeded by the start epoch, so a
+        resumed run draws a reproducible stream too."""
         from torch.utils.data import DataLoader
 
         rng = np.random.default_rng(self.spec.train.seed)
@@ -255,19 +258,19 @@ class Trainer:
         stitching = self.spec.data.task == "hole_stitching"
         self.stream = PatchStream(sources, self.spec.data.window, foreground_share=self.spec.data.foreground_oversample,
                                   switches=self.spec.data.augment, seed=train.seed, rank=self.rank,
-                                  samples=train.iterations_per_epoch * train.batch_size,
                                   corruption=self.spec.data.corruption if stitching else None)
-        return DataLoader(self.stream, batch_size=train.batch_size, num_workers=train.workers,
-                          pin_memory=self.device.startswith("cuda"))
+        self.stream.set_epoch(start_epoch)
+        return iter(DataLoader(self.stream, batch_size=train.batch_size, num_workers=train.workers,
+                               pin_memory=self.device.startswith("cuda")))
 
-    def _train_epoch(self, epoch: int, loader) -> dict:
+    def _train_epoch(self, epoch: int, batches) -> dict:
         spec = self.spec.train
         self.ddp_model.train()
-        self.stream.set_epoch(epoch)
         sums: dict[str, float] = {}
         count, started = 0, time.time()
         with _progress(self.rank == 0, f"epoch {epoch + 1}/{spec.epochs}", spec.iterations_per_epoch) as advance:
-            for index, (image, label) in enumerate(loader):
+            for index in range(spec.iterations_per_epoch):
+                image, label = next(batches)
                 last_of_step = (index + 1) % spec.grad_accum == 0 or index + 1 == spec.iterations_per_epoch
                 loss, terms = self.train_step(image, label, step=last_of_step, where=(epoch, index))
                 for name, value in {"loss": loss, **terms}.items():
