@@ -12,14 +12,11 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from vesuvius_lab import __version__
+from vesuvius_lab.core.console import err, out
 from vesuvius_lab.core.errors import UserError
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 SET_HELP = "Override any experiment key, e.g. --set train.epochs=3 (the value is read as TOML)."
 

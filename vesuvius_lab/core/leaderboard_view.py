@@ -154,6 +154,10 @@ def title(board: Leaderboard) -> str:
 COLLAPSIBLE = ("model", "loss", "blend", "postprocess", "commit")
 
 
+#: Differing settings shown as terminal columns; the rest are named in the caption (exports keep all).
+MAX_TERMINAL_SPEC_COLUMNS = 4
+
+
 def rich_table(board: Leaderboard) -> Table:
     """The terminal view: columns equal in every row go to the caption, std on a second line."""
     from vesuvius_lab.core.sweep import key_labels
@@ -165,8 +169,14 @@ def rich_table(board: Leaderboard) -> Table:
     titles = {c.key: c.title for c in board.columns}
     caption = " · ".join(f"{titles[key]} {rows[0][keys.index(key)][0]}" for key in COLLAPSIBLE
                          if key in constant and rows[0][keys.index(key)][0] != DASH)
+    shown_keys = board.spec_keys[:MAX_TERMINAL_SPEC_COLUMNS]
+    hidden = board.spec_keys[MAX_TERMINAL_SPEC_COLUMNS:]
+    captions = [f"same in every row: {caption}"] if caption else []
+    if hidden:
+        captions.append(f"{len(hidden)} more differing settings not shown here ({', '.join(hidden[:6])}"
+                        f"{', ...' if len(hidden) > 6 else ''}): see --md, --csv, --json or vlab compare")
     table = Table(title=title(board), title_justify="left", header_style="bold", caption_justify="left",
-                  caption=f"same in every row: {caption}" if caption else None)
+                  caption="\n".join(captions) or None)
     numeric = {"rank", "score", "topo_score", "surface_dice", "voi_score", "delta", "folds", "epochs",
                "wall_time", "parameters"}
     labels = key_labels(board.spec_keys)
@@ -174,10 +184,11 @@ def rich_table(board: Leaderboard) -> Table:
         if column.key not in constant:
             table.add_column(column.title, justify="right" if column.key in numeric else "left", overflow="fold",
                              no_wrap=column.key in numeric | {"experiment", "run", "commit", "model"})
-    for key in board.spec_keys:
+    for key in shown_keys:
         table.add_column(labels[key], header_style="bold cyan", overflow="fold")
+    dropped = constant | set(hidden)
     for row, cells in zip(board.rows, rows):
-        table.add_row(*(_rich_cell(text, best) for key, (text, best) in zip(keys, cells) if key not in constant),
+        table.add_row(*(_rich_cell(text, best) for key, (text, best) in zip(keys, cells) if key not in dropped),
                       style="bold" if row.rank == 1 and len(board.rows) > 1 else None)
     return table
 
