@@ -307,14 +307,3 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> LoadedExperi
     if problems:
         raise SpecError(problems)
     return LoadedExperiment(spec, path.resolve(), files)
-
-
-def validate_files(paths: list[str | Path], overrides: list[str] = ()) -> tuple[list[LoadedExperiment], list[Problem]]:
-    """Validate several files, collecting every problem of every file."""
-    loaded, problems = [], []
-    for path in paths:
-        try:
-            loaded.append(load_experiment(path, overrides))
-        except SpecError as exc:
-            problems.extend(exc.problems)
-    return loaded, problems
