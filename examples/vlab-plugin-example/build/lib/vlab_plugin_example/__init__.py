@@ -1,1 +1,0 @@
-"""Example plugins for vesuvius-lab, registered through entry points (see pyproject.toml)."""
