@@ -276,3 +276,14 @@ def test_cli_leaderboard_formats_and_html_file(runs, tmp_path, capsys, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         main(["leaderboard", str(runs), "--filter", "score=>1"])
     assert exit_info.value.code == 2
+
+
+def test_runs_of_another_task_are_named_not_ranked(runs):
+    stitcher = make_run(runs, "stitcher", 0, 0.99)
+    spec = json.loads((stitcher / "spec.json").read_text())
+    spec["data"]["task"] = "hole_stitching"
+    (stitcher / "spec.json").write_text(json.dumps(spec))
+    board = build_leaderboard(runs)
+    assert "stitcher" not in names(board)
+    assert any(n.kind == "other task" and n.experiment == "stitcher" for n in board.notices)
+    assert names(build_leaderboard(runs, task="hole_stitching")) == ["stitcher"]

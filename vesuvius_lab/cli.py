@@ -378,8 +378,10 @@ def data_check(obj: ProjectContext, root):
 @click.option("--csv", "fmt", flag_value="csv", help="Print CSV (raw numbers; warnings on stderr).")
 @click.option("--json", "fmt", flag_value="json", help="Print JSON (rows and warnings).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Also write the table to this HTML file.")
+@click.option("--task", default="segmentation", show_default=True, type=click.Choice(["segmentation", "hole_stitching"]),
+              help="Rank the runs of this [data] task; scores of different tasks are not comparable.")
 @click.pass_obj
-def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, baseline, fmt, html_file):
+def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, baseline, fmt, html_file, task):
     """Rank experiments by score, folds aggregated (mean ± std, n), and show what differs between them.
 
     \b
@@ -397,7 +399,7 @@ def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, base
     from vesuvius_lab.core.report import build_leaderboard
 
     board = build_leaderboard(Path(runs_dir) if runs_dir else obj.project().runs_dir, per_run=per_run, sort=sort,
-                              filters=filters, top=top, baseline=baseline)
+                              filters=filters, top=top, baseline=baseline, task=task)
     print_leaderboard(board, out, err, fmt)
     if html_file:
         write_text_atomic(Path(html_file), html_page(board))

@@ -252,10 +252,16 @@ def column_key(key: str, rows: list[Row]) -> str:
                     f"{', '.join(spec_keys[:3]) or 'train.lr'}.")
 
 
+def _task(record: RunRecord) -> str:
+    data = record.spec.get("data") if isinstance(record.spec, dict) else None
+    return (data or {}).get("task", "segmentation") if isinstance(data, dict) else "segmentation"
+
+
 def build_leaderboard(runs_dir: Path, *, per_run: bool = False, sort: str | None = None,
                       filters: Iterable[str] = (), top: int | None = None, baseline: str | None = None,
-                      experiments: Iterable[str] | None = None) -> Leaderboard:
-    """Read every run under ``runs_dir`` (or only those of ``experiments``) and rank them, with notices."""
+                      experiments: Iterable[str] | None = None, task: str = "segmentation") -> Leaderboard:
+    """Read every run under ``runs_dir`` (or only those of ``experiments``) of one ``[data] task`` and rank
+    them, with notices (runs of other tasks are named, not ranked: their scores are not comparable)."""
     if not Path(runs_dir).is_dir():
         raise UserError(f"{runs_dir}: no such runs folder. Give the folder holding <experiment>/<run-id>/ "
                         "(default: runs_dir of vesuvius.toml, or `vlab --runs DIR`).")
@@ -263,7 +269,11 @@ def build_leaderboard(runs_dir: Path, *, per_run: bool = False, sort: str | None
     if experiments is not None:
         wanted = set(experiments)
         records = [r for r in records if r.experiment in wanted]
+    other_task = sorted({(r.experiment, _task(r)) for r in records if _task(r) != task})
+    records = [r for r in records if _task(r) == task]
     notices = [_run_notice(r) for r in records if not r.ranked]
+    notices += [Notice("other task", name, f"a {kind} run, ranked by `vlab leaderboard --task {kind}`")
+                for name, kind in other_task]
     groups: dict[str, list[RunRecord]] = {}
     for record in records:
         if record.ranked:
