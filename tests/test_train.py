@@ -51,7 +51,7 @@ def wait_for_epochs(run_parent: Path, epochs: int, process: subprocess.Popen, ti
         if runs and len(runs[0].metrics()) >= epochs:
             return runs[0]
         assert process.poll() is None, process.communicate()
-        time.sleep(0.2)
+        time.sleep(0.02)
     raise AssertionError("training did not reach the epoch in time")
 
 
@@ -86,8 +86,7 @@ def test_sigkill_mid_epoch_then_resume_finishes(synth_data, tmp_path):
     process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)
     try:
         run = wait_for_epochs(runs, 1, process)
-        time.sleep(1.0)  # well into epoch 2
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(signal.SIGKILL)  # epoch 1 is recorded; epoch 2 has just begun
         process.wait(timeout=30)
     finally:
         process.kill()
@@ -105,8 +104,7 @@ def test_ctrl_c_saves_and_exits_cleanly(synth_data, tmp_path):
     runs = tmp_path / "runs"
     process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)
     run = wait_for_epochs(runs, 1, process)
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT)  # epoch 1 is recorded; epoch 2 has just begun
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "vlab train --resume" in stderr and "Traceback" not in stderr

@@ -227,7 +227,7 @@ class Trainer:
             _log(self.run, f"all {spec.epochs} epochs are done already; nothing to train.")
         batches = self.batches(self.start_epoch)
         started = time.time()
-        epoch = self.start_epoch
+        done = self.start_epoch - 1  # the last epoch whose record is complete
         try:
             for epoch in range(self.start_epoch, spec.epochs):
                 self.run.set_status("running", epoch=epoch + 1) if self.rank == 0 else None
@@ -237,9 +237,11 @@ class Trainer:
                 self._save("last", epoch)
                 if self.rank == 0:
                     self.run.append_metrics(record)
-                    self._print_epoch(record)
+                done = epoch
+                self._print_epoch(record) if self.rank == 0 else None
         except KeyboardInterrupt:
-            self._save("last", epoch - 1)
+            # Keep what the interrupted epoch learned; a resume repeats that epoch's record.
+            self._save("last", done)
             raise
         if self.rank == 0:
             self._finish(time.time() - started)
