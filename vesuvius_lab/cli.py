@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -523,6 +524,8 @@ def evaluate(pred, label, as_json, workers):
 
 def main(argv: list[str] | None = None) -> None:
     """Run ``vlab``; a user's mistake prints one clear message and exits with status 2."""
+    # timm (under segmentation-models-pytorch) still uses torch.jit.interface; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
     try:
         cli.main(args=argv, prog_name="vlab", standalone_mode=False)
     except click.exceptions.Abort:
