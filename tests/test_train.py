@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -190,3 +191,53 @@ def test_gradient_of_two_ranks_with_batch_b_equals_one_rank_with_batch_2b(tmp_pa
     loss.backward()
     for name, parameter in model.named_parameters():
         assert torch.allclose(ddp_grads[name], parameter.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    stitcher = tmp_path / "stitcher.toml"
+    stitcher.write_text(textwrap.dedent("""
+        name = "stitcher"
+        postprocess = []
+        [data]
+        task = "hole_stitching"
+        window = [16, 16, 16]
+        folds = 3
+        foreground_oversample = 1.0
+        corruption = { holes = [1, 2], radius = [1, 2] }
+        [model]
+        plugin = "hole_stitcher_unet"
+        params = { channels = [4, 8] }
+        [[loss]]
+        plugin = "stitch"
+        [train]
+        epochs = 1
+        iterations_per_epoch = 2
+        batch_size = 2
+        workers = 0
+        [inference]
+        window = [16, 16, 16]
+    """))
+    result = vlab(["train", str(stitcher)], synth_data, runs)
+    assert result.returncode == 0, result.stderr
+    steps = only_run(runs).read("summary.json")["steps"]
+    assert set(steps) == {"input", "threshold"}  # the damaged input is scored too
+    segmenter = experiment(tmp_path, epochs=1, iterations=1)
+    segmenter.write_text(segmenter.read_text() + textwrap.dedent("""
+        [[postprocess]]
+        plugin = "hole_stitching_unet"
+        params = { run = "stitcher", window = [16, 16, 16] }
+    """))
+    result = vlab(["train", str(segmenter)], synth_data, runs)
+    assert result.returncode == 0, result.stderr
+    (run,) = [r for r in find_runs(runs) if r.experiment == "tiny"]
+    assert set(run.read("summary.json")["steps"]) == {"threshold", "hole_stitching_unet"}
+
+
+def test_a_missing_stitcher_run_fails_before_training(synth_data, tmp_path):
+    segmenter = experiment(tmp_path, epochs=1, iterations=1)
+    segmenter.write_text(segmenter.read_text() + '[[postprocess]]\nplugin = "hole_stitching_unet"\n'
+                                                  'params = { run = "no-such-stitcher" }\n')
+    result = vlab(["train", str(segmenter)], synth_data, tmp_path / "runs")
+    assert result.returncode == 2 and "no-such-stitcher" in result.stderr and "Traceback" not in result.stderr
+    assert find_runs(tmp_path / "runs") == []
