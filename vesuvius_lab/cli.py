@@ -111,9 +111,14 @@ def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
         raise UserError(f"{experiment}: an [ensemble] combines runs that are trained already; build it with "
                         f"`vlab ensemble {experiment}`.")
     run = run_training(loaded, obj.project(), nproc=nproc, resume=Path(resume) if resume else None)
+    _print_result(run, f"fold {run.read('summary.json', {}).get('fold')}")
+
+
+def _print_result(run, label: str) -> None:
+    """The run's score line (when it has a score) and its folder."""
     summary = run.read("summary.json", {})
     if "score" in summary:
-        out.print(f"[bold]{run.experiment}[/] fold {summary.get('fold')}: score [bold]{summary['score']:.4f}[/] "
+        out.print(f"[bold]{_escape(run.experiment)}[/] {_escape(label)}: score [bold]{summary['score']:.4f}[/] "
                   f"(TopoScore {summary['topo_score']:.4f}, SurfaceDice {summary['surface_dice']:.4f}, "
                   f"VOI {summary['voi_score']:.4f})")
     out.print(f"run: {run.path}")
@@ -157,12 +162,7 @@ def ensemble(obj: ProjectContext, experiment, overrides):
 
     loaded = load_experiment(experiment, list(overrides))
     run = build_ensemble(loaded, obj.project(), device=_device(obj))
-    summary = run.read("summary.json", {})
-    if "score" in summary:
-        out.print(f"[bold]{_escape(run.experiment)}[/] ({_escape(loaded.spec.model_label)}): score "
-                  f"[bold]{summary['score']:.4f}[/] (TopoScore {summary['topo_score']:.4f}, SurfaceDice "
-                  f"{summary['surface_dice']:.4f}, VOI {summary['voi_score']:.4f})")
-    out.print(f"run: {run.path}")
+    _print_result(run, f"({loaded.spec.model_label})")
 
 
 @cli.command()
