@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.experiment import LoadedExperiment, Problem
 from vesuvius_lab.core.project import Project
-from vesuvius_lab.core.run_records import read_json, read_run, run_dirs
-from vesuvius_lab.core.runs import Run
+from vesuvius_lab.core.run_records import read_run
+from vesuvius_lab.core.runs import Run, find_runs
 from vesuvius_lab.core.spec import Experiment
 from vesuvius_lab.core.sweep import expand_files
 
@@ -85,10 +85,10 @@ def _canonical(spec: dict) -> str:
 def finished_run(runs_dir: Path, spec: Experiment) -> Run | None:
     """A finished run of this experiment name whose recorded spec equals ``spec``, if any."""
     wanted = _canonical(json.loads(json.dumps(spec.model_dump(mode="json"))))
-    for run in run_dirs(Path(runs_dir)):
+    for run in find_runs(Path(runs_dir)):
         if run.experiment != spec.name:
             continue
-        recorded = read_json(run.path / "spec.json")
+        recorded = run.read("spec.json")
         if isinstance(recorded, dict) and _canonical(recorded) == wanted and read_run(run).state == "finished":
             return run
     return None
@@ -106,14 +106,14 @@ def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
         else:
             if on_start:
                 on_start(position, job)
-            before = set(run_dirs(project.runs_dir))
+            before = set(find_runs(project.runs_dir))
             try:
                 # The spec is already resolved; resolving again is a no-op. nproc rides in the spec.
                 outcome = Outcome(job, "trained", _execute(job, project))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one experiment failing must not stop the others
-                started = [r for r in run_dirs(project.runs_dir) if r not in before and r.experiment == job.spec.name]
+                started = [r for r in find_runs(project.runs_dir) if r not in before and r.experiment == job.spec.name]
                 message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
                 outcome = Outcome(job, "failed", started[0] if started else None, message)
         outcomes.append(outcome)

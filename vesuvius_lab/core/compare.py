@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from vesuvius_lab.core.run_records import RunRecord, flatten, read_json, read_run
+from vesuvius_lab.core.run_records import RunRecord, flatten, read_run
 from vesuvius_lab.core.runs import Run
 
 SCORE_KEYS = ("score", "topo_score", "surface_dice", "voi_score")
@@ -58,7 +58,7 @@ def _canonical(value: Any) -> str:
 def volume_scores(a: Run, b: Run) -> list[VolumeScores]:
     """Per-volume scores of both runs' best checkpoints, matched by volume id."""
     def by_id(run: Run) -> dict[str, dict]:
-        scores = read_json(run.path / "scores.json")
+        scores = run.read("scores.json")
         volumes = scores.get("volumes") if isinstance(scores, dict) else None
         return {str(v["id"]): v for v in volumes or [] if isinstance(v, dict) and "id" in v}
 

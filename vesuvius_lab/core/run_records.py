@@ -13,21 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.runs import Run, effective_state, latest_finished
+from vesuvius_lab.core.runs import Run, effective_state, find_runs, latest_finished
 
 #: Spec keys never shown as differing columns: identity, paths, the fold, and what the plugin
 #: columns already show.
 HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", "model.plugin",
                     "inference.blend.plugin")
 HIDDEN_SPEC_PATTERNS = (("loss", "plugin"), ("loss", "weight"), ("postprocess", "plugin"))
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file, or None when it is missing, half-written or not JSON at all."""
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
 
 
 def _as_dict(value: Any) -> dict:
@@ -108,21 +100,12 @@ def read_run(run: Run) -> RunRecord:
         state = effective_state(run)
     except ValueError:  # a damaged status.json (not text)
         state = "unknown"
-    return RunRecord(run, state, normalized_spec(read_json(run.path / "spec.json")),
-                     _as_dict(read_json(run.path / "summary.json")), _as_dict(read_json(run.path / "env.json")),
-                     _as_dict(read_json(run.path / "status.json")))
-
-
-def run_dirs(runs_dir: Path) -> list[Run]:
-    """Every run directory under ``runs_dir``, in path order (hidden folders such as the cache skipped)."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        return []
-    return [Run(spec.parent) for spec in sorted(runs_dir.glob("[!.]*/*/spec.json"))]
+    return RunRecord(run, state, normalized_spec(run.read("spec.json")), _as_dict(run.read("summary.json")),
+                     _as_dict(run.read("env.json")), _as_dict(run.read("status.json")))
 
 
 def read_runs(runs_dir: Path) -> list[RunRecord]:
-    return [read_run(run) for run in run_dirs(runs_dir)]
+    return [read_run(run) for run in find_runs(Path(runs_dir))]
 
 
 def resolve_run(text: str, runs_dir: Path) -> Run:

@@ -19,7 +19,7 @@ from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.files import write_text_atomic
 from vesuvius_lab.core.leaderboard_view import format_count, format_duration
 from vesuvius_lab.core.pictures import training_curves, volume_figure
-from vesuvius_lab.core.run_records import RunRecord, plugin_summary, read_json, read_run
+from vesuvius_lab.core.run_records import RunRecord, plugin_summary, read_run
 from vesuvius_lab.core.runs import Run
 from vesuvius_lab.core.tiff import read_volume
 
@@ -51,7 +51,7 @@ def write_report(run: Run, output: Path, *, device: str = "cpu", data_root: Path
     name = f"{record.experiment} / {run.id}"
     files = ReportFiles(output / "index.html", training_curves(
         output / "training.png", run.metrics(), title=f"{name}: training", best_epoch=record.summary.get("best_epoch")))
-    scores = read_json(run.path / "scores.json") or {}
+    scores = run.read("scores.json") or {}
     chosen = pick_volumes(scores.get("volumes") or [], volumes) if isinstance(scores, dict) else []
     if chosen:
         dataset = _dataset(record, data_root)
