@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vesuvius_lab.core.corruption import CorruptionParams, punch_holes
 from vesuvius_lab.core.spec import Augment
 
 #: Foreground coordinates kept per volume for oversampling (a subsample is plenty).
@@ -81,12 +82,9 @@ def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
 
-def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: dict) -> np.ndarray:
+def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: CorruptionParams) -> np.ndarray:
     """The hole-stitching task's input: the label's surface with holes punched in, as a uint8 0/255 "image"."""
-    from vesuvius_lab.plugins.hole_stitching import CorruptionParams, punch_holes
-
-    params = CorruptionParams.model_validate(corruption)
-    return punch_holes(label, rng, **params.model_dump()) * np.uint8(255)
+    return punch_holes(label, rng, **corruption.model_dump()) * np.uint8(255)
 
 
 class PatchStream(IterableDataset):
@@ -97,7 +95,7 @@ class PatchStream(IterableDataset):
     """
 
     def __init__(self, sources: list[PatchSource], window: Sequence[int], *, foreground_share: float,
-                 switches: Augment, seed: int, rank: int = 0, corruption: dict | None = None):
+                 switches: Augment, seed: int, rank: int = 0, corruption: CorruptionParams | None = None):
         self.sources, self.window = sources, tuple(window)
         self.foreground_share, self.corruption = foreground_share, corruption
         if corruption is not None:

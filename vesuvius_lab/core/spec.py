@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from vesuvius_lab.core.corruption import CorruptionParams
+
 Shape3 = tuple[int, int, int]
 
 
@@ -62,17 +64,8 @@ class DataSpec(Strict):
     task: Literal["segmentation", "hole_stitching"] = Field(
         "segmentation", description="segmentation: CT in, surface out. hole_stitching: a label with holes punched "
                                     "into its sheets in, the label out (trains a post-processing stitcher).")
-    corruption: dict[str, Any] = Field(default_factory=dict,
-                                       description="hole_stitching: how inputs are damaged (holes, radius, dust...).")
-
-    @field_validator("corruption")
-    @classmethod
-    def _corruption(cls, corruption: dict[str, Any]) -> dict[str, Any]:
-        if corruption:
-            from vesuvius_lab.plugins.hole_stitching import CorruptionParams
-
-            CorruptionParams.model_validate(corruption)
-        return corruption
+    corruption: CorruptionParams = Field(default_factory=CorruptionParams,
+                                         description="hole_stitching: how inputs are damaged (holes, radius, dust...).")
 
     @field_validator("window")
     @classmethod

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vesuvius_lab.core.corruption import CorruptionParams, punch_holes
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.postprocess import is_probabilities, to_mask
 from vesuvius_lab.core.registry import plugin
@@ -42,71 +43,6 @@ DEFAULT_WINDOW: Shape3 = (64, 64, 64)
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-# --------------------------------------------------------------------------- corruption
-
-
-def _ball_offsets(radius: int) -> np.ndarray:
-    grid = np.mgrid[(slice(-radius, radius + 1),) * 3]
-    return (grid ** 2).sum(axis=0) <= radius * radius
-
-
-def _paint_ball(mask: np.ndarray, centre: Sequence[int], radius: int, value: int,
-                only: np.ndarray | None = None) -> None:
-    """Set the voxels of a ball (clipped to the volume) to ``value``; only where ``only`` is True if given."""
-    lo = [max(c - radius, 0) for c in centre]
-    hi = [min(c + radius + 1, n) for c, n in zip(centre, mask.shape)]
-    where = tuple(slice(a, b) for a, b in zip(lo, hi))
-    ball = _ball_offsets(radius)[tuple(slice(a - c + radius, b - c + radius) for a, b, c in zip(lo, hi, centre))]
-    if only is not None:
-        ball = ball & only[where]
-    mask[where][ball] = value
-
-
-def punch_holes(label: np.ndarray, rng: np.random.Generator, *, holes: tuple[int, int] = (2, 5),
-                radius: tuple[int, int] = (2, 5), erode_probability: float = 0.0,
-                dust: tuple[int, int] = (0, 0), dust_radius: int = 1) -> np.ndarray:
-    """A uint8 {0, 1} copy of the surface (``label == 1``) with random holes, and optionally erosion and dust.
-
-    ``holes``: how many balls (inclusive range) of ``radius`` (inclusive range) centred on surface
-    voxels are cut out of the sheets. ``erode_probability``: chance of thinning the sheets by one
-    voxel first (a sheet predicted too thin). ``dust``: how many small balls of ``dust_radius`` to
-    add at random places (false positives). Other label values (e.g. the ignore label) are background.
-    """
-    from scipy import ndimage
-
-    surface = label == 1
-    mask = surface.astype(np.uint8)
-    if erode_probability > 0 and rng.random() < erode_probability:
-        # border_value=1: the volume's faces do not eat the sheets that cross them.
-        mask = ndimage.binary_erosion(mask, _ball_offsets(1), border_value=1).astype(np.uint8)
-    candidates = np.flatnonzero(surface)
-    if candidates.size:
-        for _ in range(rng.integers(holes[0], holes[1] + 1)):
-            centre = np.unravel_index(candidates[rng.integers(candidates.size)], mask.shape)
-            _paint_ball(mask, centre, int(rng.integers(radius[0], radius[1] + 1)), 0)
-    for _ in range(rng.integers(dust[0], dust[1] + 1)):
-        centre = [int(rng.integers(n)) for n in mask.shape]
-        _paint_ball(mask, centre, dust_radius, 1)
-    return mask
-
-
-class CorruptionParams(_Params):
-    """How training inputs are damaged (the arguments of :func:`punch_holes`)."""
-
-    holes: tuple[int, int] = Field((2, 5), description="Holes per training window (inclusive range).")
-    radius: tuple[int, int] = Field((2, 5), description="Hole radius in voxels (inclusive range).")
-    erode_probability: float = Field(0.0, ge=0, le=1, description="Chance of thinning the sheets by one voxel.")
-    dust: tuple[int, int] = Field((0, 0), description="False-positive blobs per window (inclusive range).")
-    dust_radius: int = Field(1, ge=0, description="Radius of a dust blob.")
-
-    @field_validator("holes", "radius", "dust")
-    @classmethod
-    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if not 0 <= value[0] <= value[1]:
-            raise ValueError("a range must be (low, high) with 0 <= low <= high")
-        return value
 
 
 # --------------------------------------------------------------------------- network and loss
