@@ -11,7 +11,7 @@ from vesuvius_lab.core import registry
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.plugins.hole_stitching import (
     CorruptionParams, StitcherNetParams, StitcherWindows, build_stitcher_network, fit_hole_stitcher,
-    load_stitcher, merge_stitched, pack_inputs, punch_holes, stitcher_loss, unpack_inputs)
+    load_stitcher, pack_inputs, punch_holes, stitcher_loss, unpack_inputs)
 
 TINY_NET = StitcherNetParams(channels=(8, 16, 32))
 
@@ -40,7 +40,7 @@ def dice(pred: np.ndarray, label: np.ndarray) -> float:
 
 
 def test_punch_holes_removes_only_surface_and_adds_requested_dust():
-    label = sheets()
+    label = sheets(shape=(32, 32, 32))                             # one damage block
     surface = label == 1
     holed = punch_holes(label, np.random.default_rng(0), holes=(6, 6), radius=(3, 3))
     assert holed.dtype == np.uint8
@@ -48,6 +48,18 @@ def test_punch_holes_removes_only_surface_and_adds_requested_dust():
     assert 6 * 20 <= surface.sum() - holed.sum() <= 6 * 123        # six balls of radius 3 cut out of the sheets
     again = punch_holes(label, np.random.default_rng(0), holes=(6, 6), radius=(3, 3))
     np.testing.assert_array_equal(holed, again)
+
+
+def test_a_whole_volume_is_damaged_as_densely_as_a_training_window():
+    window, volume = sheets(shape=(32, 32, 32), seed=3), sheets(shape=(64, 64, 64), seed=3)
+    lost = [((v == 1).sum() - punch_holes(v, np.random.default_rng(0), holes=(4, 4), radius=(1, 1)).sum())
+            / (v == 1).sum() for v in (window, volume)]
+    assert 0.5 < lost[1] / lost[0] < 2                             # eight blocks get eight times the holes
+
+
+def test_dust_and_thinning():
+    label = sheets()
+    surface = label == 1
 
     dusty = punch_holes(label, np.random.default_rng(1), holes=(0, 0), dust=(5, 5), dust_radius=1)
     assert (dusty.astype(bool) & ~surface).sum() > 0 and (dusty.astype(bool) >= surface).all()
@@ -165,17 +177,6 @@ def test_two_channel_stitcher_uses_probabilities(tmp_path):
     with pytest.raises(ValueError, match="probability"):
         fit_hole_stitcher([label], window=(16, 16, 16), iterations=1,
                           network=StitcherNetParams(in_channels=2, channels=(4, 8)), progress=False)
-
-
-def test_merge_rules():
-    mask = np.zeros((9, 9, 21), np.uint8)
-    mask[4, 4, :5] = 1
-    stitched = np.zeros_like(mask)
-    stitched[4, 4, :] = 1                                           # reaches 16 voxels beyond the input
-    assert merge_stitched(mask, stitched, "union", 3).sum() == 21
-    near = merge_stitched(mask, stitched, "near", 3)
-    assert near.sum() == 8 and near[4, 4, :8].all()                 # only within 3 steps of the input
-    np.testing.assert_array_equal(merge_stitched(mask, np.zeros_like(mask), "replace", 3), 0)
 
 
 # --------------------------------------------------------------------------- training that works

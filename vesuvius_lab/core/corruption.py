@@ -29,13 +29,24 @@ def _paint_ball(mask: np.ndarray, centre: Sequence[int], radius: int, value: int
     mask[where][ball] = value
 
 
+#: Damage counts are per this many voxels (a 32^3 window).
+DAMAGE_BLOCK = 32 ** 3
+
+
+def _count(per_block: tuple[int, int], size: int, rng: np.random.Generator) -> int:
+    """A random count in ``per_block`` for each whole block of ``size`` voxels (at least one block)."""
+    blocks = max(1, round(size / DAMAGE_BLOCK))
+    return int(rng.integers(per_block[0], per_block[1] + 1, size=blocks).sum())
+
+
 def punch_holes(label: np.ndarray, rng: np.random.Generator, *, holes: tuple[int, int] = (2, 5),
                 radius: tuple[int, int] = (2, 5), erode_probability: float = 0.0,
                 dust: tuple[int, int] = (0, 0), dust_radius: int = 1) -> np.ndarray:
     """A uint8 {0, 1} copy of the surface (``label == 1``) with random holes, and optionally erosion and dust.
 
     ``holes``: how many balls (inclusive range) of ``radius`` (inclusive range) centred on surface
-    voxels are cut out of the sheets. ``erode_probability``: chance of thinning the sheets by one
+    voxels are cut out of the sheets per :data:`DAMAGE_BLOCK` voxels, so that a training window and
+    a whole validation volume are damaged as densely. ``erode_probability``: chance of thinning the sheets by one
     voxel first (a sheet predicted too thin). ``dust``: how many small balls of ``dust_radius`` to
     add at random places (false positives). Other label values (e.g. the ignore label) are background.
     """
@@ -48,10 +59,10 @@ def punch_holes(label: np.ndarray, rng: np.random.Generator, *, holes: tuple[int
         mask = ndimage.binary_erosion(mask, _ball_offsets(1), border_value=1).astype(np.uint8)
     candidates = np.flatnonzero(surface)
     if candidates.size:
-        for _ in range(rng.integers(holes[0], holes[1] + 1)):
+        for _ in range(_count(holes, mask.size, rng)):
             centre = np.unravel_index(candidates[rng.integers(candidates.size)], mask.shape)
             _paint_ball(mask, centre, int(rng.integers(radius[0], radius[1] + 1)), 0)
-    for _ in range(rng.integers(dust[0], dust[1] + 1)):
+    for _ in range(_count(dust, mask.size, rng)):
         centre = [int(rng.integers(n)) for n in mask.shape]
         _paint_ball(mask, centre, dust_radius, 1)
     return mask
@@ -61,10 +72,10 @@ class CorruptionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     """How training inputs are damaged (the arguments of :func:`punch_holes`)."""
 
-    holes: tuple[int, int] = Field((2, 5), description="Holes per training window (inclusive range).")
+    holes: tuple[int, int] = Field((2, 5), description="Holes per 32^3 voxels (inclusive range).")
     radius: tuple[int, int] = Field((2, 5), description="Hole radius in voxels (inclusive range).")
     erode_probability: float = Field(0.0, ge=0, le=1, description="Chance of thinning the sheets by one voxel.")
-    dust: tuple[int, int] = Field((0, 0), description="False-positive blobs per window (inclusive range).")
+    dust: tuple[int, int] = Field((0, 0), description="False-positive blobs per 32^3 voxels (inclusive range).")
     dust_radius: int = Field(1, ge=0, description="Radius of a dust blob.")
 
     @field_validator("holes", "radius", "dust")
