@@ -31,6 +31,7 @@ from vesuvius_lab.core.project import Project
 from vesuvius_lab.core.runs import Run, environment, new_run, open_run
 from vesuvius_lab.core.sampling import PatchSource, PatchStream, damaged_label
 from vesuvius_lab.core.spec import Experiment
+from vesuvius_lab.core.stitch_merge import merge_stitched
 from vesuvius_lab.core.split import TrainingSplit, check_volumes, make_split
 from vesuvius_lab.core.validation import ValidationResult, validate
 
@@ -359,8 +360,9 @@ def validate_model(model: torch.nn.Module, spec: Experiment, setup: Setup, devic
     def predict(image: np.ndarray) -> np.ndarray:
         return predict_volume(image, model, spec.inference, window=spec.inference_window, device=device)
 
+    stitching = spec.data.task == "hole_stitching"
     return validate(predict, _validation_cases(setup), chain, ignore_label=spec.data.ignore_label,
-                    score_input=spec.data.task == "hole_stitching")
+                    score_input=stitching, merge_input=merge_stitched if stitching else None)
 
 
 def _validation_cases(setup: Setup):

@@ -34,17 +34,24 @@ class ValidationResult:
 
 #: The step label of the input's own score, recorded when the input is itself a mask (hole stitching).
 INPUT_LABEL = "input"
+#: The step label of the chain's mask merged back into the input mask (hole stitching).
+MERGED_LABEL = "merged"
+
+#: (input mask, predicted mask) -> the mask a repairing model's post-processing step would give
+InputMerge = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def validate(predict: VolumePredictor, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], chain: Chain,
-             *, ignore_label: int | None = 2, score_input: bool = False,
+             *, ignore_label: int | None = 2, score_input: bool = False, merge_input: InputMerge | None = None,
              on_volume: Callable[[str], None] | None = None) -> ValidationResult:
     """Score ``predict`` on ``(id, image, label)`` cases after each step of ``chain``.
 
     ``score_input`` also scores the input itself (for inputs that are masks, e.g. damaged labels),
-    so the steps show what the model added over it.
+    so the steps show what the model added over it. ``merge_input`` adds a last step, "merged": the
+    chain's mask merged into the input mask, which is what a repairing model does when it is used.
     """
-    per_step: dict[str, list] = {label: [] for label in ([INPUT_LABEL] if score_input else []) + chain.labels}
+    labels = ([INPUT_LABEL] if score_input else []) + chain.labels + ([MERGED_LABEL] if merge_input else [])
+    per_step: dict[str, list] = {label: [] for label in labels}
     volumes = []
     for volume_id, image, label in cases:
         if score_input:
@@ -54,9 +61,12 @@ def validate(predict: VolumePredictor, cases: Iterable[tuple[str, np.ndarray, np
         for step_label, mask in chain.apply_steps(probabilities):
             final = score_volume(mask, np.asarray(label), ignore_label=ignore_label)
             per_step[step_label].append(final)
+        if merge_input is not None:
+            final = score_volume(merge_input(np.asarray(image), mask), np.asarray(label), ignore_label=ignore_label)
+            per_step[MERGED_LABEL].append(final)
         volumes.append({"id": volume_id, **final.to_dict()})
         if on_volume:
             on_volume(volume_id)
     steps = {label: float(mean_scores(scores)["score"]) for label, scores in per_step.items() if scores}
-    final_label = chain.labels[-1]
+    final_label = labels[-1]
     return ValidationResult(mean_scores(per_step[final_label]), volumes, steps)
