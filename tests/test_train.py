@@ -221,7 +221,7 @@ def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(synth_d
     result = vlab(["train", str(stitcher)], synth_data, runs)
     assert result.returncode == 0, result.stderr
     steps = only_run(runs).read("summary.json")["steps"]
-    assert set(steps) == {"input", "threshold"}  # the damaged input is scored too
+    assert list(steps) == ["input", "threshold", "merged"]  # the damaged input and the merged result too
     segmenter = experiment(tmp_path, epochs=1, iterations=1)
     segmenter.write_text(segmenter.read_text() + textwrap.dedent("""
         [[postprocess]]
@@ -232,6 +232,44 @@ def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(synth_d
     assert result.returncode == 0, result.stderr
     (run,) = [r for r in find_runs(runs) if r.experiment == "tiny"]
     assert set(run.read("summary.json")["steps"]) == {"threshold", "hole_stitching_unet"}
+
+
+def test_a_stitcher_trained_by_vlab_train_repairs_held_out_volumes(synth_data, tmp_path):
+    """The quick stitcher's recipe, shortened: on the validation fold (volumes it never saw, holes
+    punched as densely as in training) the merged result must beat the damaged input."""
+    runs = tmp_path / "runs"
+    stitcher = tmp_path / "stitcher.toml"
+    stitcher.write_text(textwrap.dedent("""
+        name = "stitcher"
+        postprocess = []
+        [data]
+        task = "hole_stitching"
+        window = [32, 32, 32]
+        folds = 3
+        foreground_oversample = 1.0
+        corruption = { holes = [2, 5], radius = [2, 4] }
+        [model]
+        plugin = "hole_stitcher_unet"
+        params = { channels = [8, 16, 32] }
+        [[loss]]
+        plugin = "stitch"
+        [train]
+        epochs = 2
+        iterations_per_epoch = 400
+        batch_size = 4
+        lr = 5e-3
+        workers = 0
+        [inference]
+        window = [32, 32, 32]
+    """))
+    result = vlab(["train", str(stitcher)], synth_data, runs)
+    assert result.returncode == 0, result.stderr
+    summary = only_run(runs).read("summary.json")
+    steps = summary["steps"]
+    print(steps)
+    assert list(steps) == ["input", "threshold", "merged"] and summary["score"] == steps["merged"]
+    assert steps["input"] < 0.97                                   # the damage costs score...
+    assert steps["merged"] > steps["input"] + 0.005                # ...and the stitcher wins some back
 
 
 def test_a_missing_stitcher_run_fails_before_training(synth_data, tmp_path):

@@ -33,6 +33,7 @@ from vesuvius_lab.core.corruption import CorruptionParams, punch_holes
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.postprocess import is_probabilities, to_mask
 from vesuvius_lab.core.registry import plugin
+from vesuvius_lab.core.stitch_merge import MergeRule, merge_stitched
 
 if TYPE_CHECKING:
     import torch
@@ -91,9 +92,10 @@ def build_stitcher_network(params: StitcherNetParams) -> "torch.nn.Module":
 
 
 def stitcher_loss(logits: "torch.Tensor", target: "torch.Tensor", valid: "torch.Tensor", *,
-                  gradient_weight: float = 1.0) -> "torch.Tensor":
-    """Mean L1 between sigmoid(logits) and the target, plus ``gradient_weight`` times the mean L1 between
-    their finite differences along each axis (penalises ragged edges and leftover holes).
+                  gradient_weight: float = 1.0, reconstruction: str = "l1") -> "torch.Tensor":
+    """Mean L1 between sigmoid(logits) and the target (``reconstruction="bce"``: binary cross-entropy of the
+    logits instead), plus ``gradient_weight`` times the mean L1 between their finite differences along
+    each axis (penalises ragged edges and leftover holes).
 
     ``valid``: bool, False at the ignore label; or float per-voxel weights, 0 at the ignore label.
     """
@@ -102,7 +104,11 @@ def stitcher_loss(logits: "torch.Tensor", target: "torch.Tensor", valid: "torch.
     prob = torch.sigmoid(logits.float())
     target = target.float()
     valid = valid.float()
-    loss = ((prob - target).abs() * valid).sum() / valid.sum().clamp_min(1.0)
+    if reconstruction == "bce":
+        per_voxel = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    else:
+        per_voxel = (prob - target).abs()
+    loss = (per_voxel * valid).sum() / valid.sum().clamp_min(1.0)
     if gradient_weight:
         terms = []
         for dim in (2, 3, 4):
@@ -211,7 +217,7 @@ class StitcherWindows:
 def fit_hole_stitcher(labels: list[np.ndarray], *, window: Sequence[int] = (32, 32, 32), iterations: int = 500,
                       batch_size: int = 4, lr: float = 5e-3, network: StitcherNetParams | None = None,
                       corruption: CorruptionParams | None = None, probabilities: list[np.ndarray] | None = None,
-                      gradient_weight: float = 1.0, damage_weight: float = 5.0,
+                      gradient_weight: float = 0.1, damage_weight: float = 3.0,
                       ignore_label: int | None = 2, seed: int = 0,
                       device: str = "cpu", checkpoint: Path | None = None, progress: bool = True) -> dict:
     """Train a stitcher on label volumes (values 0, 1, ignore) and return its state_dict.
@@ -328,9 +334,11 @@ class HoleStitchingParams(_Params):
     window: Shape3 | None = Field(None, description="Sliding window; default the training window, else 64^3.")
     overlap: float = Field(0.5, ge=0, lt=1, description="Window overlap fraction.")
     batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
-    merge: Literal["union", "near", "replace"] = Field(
-        "near", description="union: input plus stitched voxels; near: the same, adding only voxels within "
-                            "max_distance of the input mask; replace: the stitched mask alone.")
+    merge: MergeRule = Field(
+        "topology", description="How stitched voxels join the input mask (core/stitch_merge.py). topology: keep "
+                                "each added group that closes a tunnel in one sheet and joins nothing; near: "
+                                "added voxels within max_distance of the input; union: all; replace: the "
+                                "stitched mask alone.")
     max_distance: int = Field(8, ge=1, description="near: how far (6-connected steps) from the input a voxel may be added.")
 
     @model_validator(mode="after")
@@ -354,18 +362,6 @@ def _device(device: Any) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def merge_stitched(mask: np.ndarray, stitched: np.ndarray, merge: str, max_distance: int) -> np.ndarray:
-    """Combine the input mask and the stitcher's mask by the ``merge`` rule (see the plugin's params)."""
-    from vesuvius_lab.plugins.postprocess import dilate_mask
-
-    if merge == "replace":
-        return stitched.astype(np.uint8)
-    added = stitched.astype(bool) & (mask == 0)
-    if merge == "near":
-        added &= dilate_mask(mask, 1, max_distance).astype(bool)
-    return ((mask != 0) | added).astype(np.uint8)
 
 
 @plugin(HoleStitchingParams)
@@ -421,8 +417,10 @@ def hole_stitcher_unet(params: StitcherNetParams, **context):
 
 
 class StitchLossParams(_Params):
-    gradient_weight: float = Field(1.0, ge=0, description="Weight of the finite-difference (smoothness) term.")
-    damage_weight: float = Field(5.0, ge=0, description="Voxels where the input differs from the label (the "
+    reconstruction: Literal["l1", "bce"] = Field("l1", description="l1: mean absolute error of the probabilities; "
+                                                                   "bce: binary cross-entropy of the logits.")
+    gradient_weight: float = Field(0.1, ge=0, description="Weight of the finite-difference (smoothness) term.")
+    damage_weight: float = Field(3.0, ge=0, description="Voxels where the input differs from the label (the "
                                                          "punched holes) count 1 + this; without it the network "
                                                          "learns to copy its input.")
 
@@ -436,6 +434,7 @@ def stitch(params: StitchLossParams, **context):
         if inputs is not None and params.damage_weight:
             damaged = (inputs[:, :1] > 0.5) != (target > 0.5)
             weights = weights * (1 + params.damage_weight * damaged.float())
-        return stitcher_loss(logits, target, weights, gradient_weight=params.gradient_weight)
+        return stitcher_loss(logits, target, weights, gradient_weight=params.gradient_weight,
+                             reconstruction=params.reconstruction)
 
     return loss
