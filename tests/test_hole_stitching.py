@@ -111,6 +111,12 @@ def test_loss_ignores_the_ignore_label_and_prefers_the_label():
     assert torch.isclose(stitcher_loss(changed, target, valid), stitcher_loss(exact, target, valid))
     assert stitcher_loss(holed, target, valid, gradient_weight=2.0) > stitcher_loss(holed, target, valid)
 
+    bce = stitcher_loss(holed, target, valid, gradient_weight=0.0, reconstruction="bce")
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(holed[valid], target[valid])
+    assert torch.isclose(bce, expected)
+    assert torch.isclose(stitcher_loss(changed, target, valid, gradient_weight=0.0, reconstruction="bce"),
+                         stitcher_loss(exact, target, valid, gradient_weight=0.0, reconstruction="bce"))
+
 
 @pytest.mark.parametrize("in_channels", [1, 2])
 def test_network_maps_windows_to_logits_plus_the_input_mask(in_channels):
