@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded synthetic data: every model family's quick experiment (2.5D SMP,
 # MONAI 3D, nnU-Net), the hole stitcher and an experiment using it, an ensemble, a submission
-# and the leaderboard. About 3 minutes on 2 CPU cores after set-up. Finished runs are skipped on a rerun.
+# and the leaderboard. About 3 minutes on 2 CPU cores after set-up. Finished runs are skipped on a rerun, killed ones resumed.
 QUICK := unet25d monai_unet nnunet hole_stitcher unet25d_stitched
 FOLD0_MEMBERS := ensemble.members=[{experiment="quick-unet25d", folds=[0]}, {experiment="quick-monai-unet", folds=[0]}]
 

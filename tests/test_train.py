@@ -101,6 +101,27 @@ def test_sigkill_mid_epoch_then_resume_finishes(synth_data, tmp_path):
     assert effective_state(run) == "finished" and "score" in run.read("summary.json")
 
 
+def test_vlab_run_resumes_a_killed_run_of_the_same_spec(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    tiny = experiment(tmp_path, epochs=3, iterations=30)
+    process = start_vlab(["run", str(tiny)], synth_data, runs)
+    try:
+        run = wait_for_epochs(runs, 1, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert effective_state(run) == "killed"
+    again = vlab(["run", str(tiny)], synth_data, runs)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {run.path}" in " ".join(again.stderr.split()) and "1 resumed" in again.stderr
+    assert find_runs(runs) == [run]                                 # the same run, no new one
+    assert [m["epoch"] for m in run.metrics()] == [1, 2, 3]         # epoch 1 kept, not trained again
+    assert effective_state(run) == "finished"
+    fresh = vlab(["run", str(tiny), "--force"], synth_data, runs)   # --force starts a new run
+    assert fresh.returncode == 0 and len(find_runs(runs)) == 2
+
+
 def test_ctrl_c_saves_and_exits_cleanly(synth_data, tmp_path):
     runs = tmp_path / "runs"
     process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)

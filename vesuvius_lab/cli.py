@@ -447,13 +447,14 @@ def report(obj: ProjectContext, run_dir, output, volumes):
 @click.option("--folds", help="Folds to train: all, or e.g. 0,1,2 (default: each experiment's data.fold).")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--nproc", type=click.IntRange(min=1), help="DDP processes on this machine (beats train.nproc).")
-@click.option("--force", is_flag=True, help="Train even when a finished run with the same spec exists.")
+@click.option("--force", is_flag=True, help="Start new runs even when a finished (or resumable) run with the same spec exists.")
 @click.pass_obj
 def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
     """Train and evaluate several experiments ([sweep]s expanded) and folds in turn, then rank them.
 
-    A finished run with the same name, fold and resolved spec is skipped. A failure is reported
-    and the other runs go on; the exit status is 2 if anything failed.
+    A finished run with the same name, fold and resolved spec is skipped; a killed or interrupted
+    one is resumed from its last checkpoint (--force starts new runs). A failure is reported and
+    the other runs go on; the exit status is 2 if anything failed.
     """
     from vesuvius_lab.core.batch import parse_folds, plan, run_jobs
     from vesuvius_lab.core.leaderboard_view import print_leaderboard
@@ -465,8 +466,9 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
         err.print(f"[bold red]error[/] {_escape(str(problem))}")
     err.print(f"{len(jobs)} run(s) planned" + (f"; {len(problems)} problem(s) above are skipped" if problems else ""))
 
-    def started(position: int, job) -> None:
-        err.print(f"[bold]\\[{position + 1}/{len(jobs)}] {_escape(job.label)}[/]")
+    def started(position: int, job, resume) -> None:
+        again = f", resuming {_escape(str(resume.path))}" if resume else ""
+        err.print(f"[bold]\\[{position + 1}/{len(jobs)}] {_escape(job.label)}[/]{again}")
 
     def done(outcome) -> None:
         where = f" ({_escape(str(outcome.run.path))})" if outcome.run else ""
@@ -480,8 +482,8 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
         names = list(dict.fromkeys(job.spec.name for job in jobs))
         print_leaderboard(build_leaderboard(project.runs_dir, experiments=names), out, err)
     failed = [o for o in outcomes if o.status == "failed"]
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("trained", "skipped", "failed")}
-    err.print(", ".join(f"{n} {status}" for status, n in counts.items()))
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("trained", "resumed", "skipped", "failed")}
+    err.print(", ".join(f"{n} {status}" for status, n in counts.items() if n or status != "resumed"))
     if failed or problems:
         sys.exit(2)
 

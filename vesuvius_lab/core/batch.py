@@ -1,7 +1,9 @@
 """``vlab run``: several experiments (their sweeps expanded) and folds trained one after another.
 
 A job whose run already exists, finished, with the same resolved spec (same experiment name,
-fold and every setting) is skipped. A job that fails is reported and the others go on.
+fold and every setting) is skipped; one whose run of the same spec was killed or interrupted after
+saving a checkpoint is resumed from it, so a batch started again loses no finished epoch. A job
+that fails is reported and the others go on.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Job:
 @dataclass(frozen=True)
 class Outcome:
     job: Job
-    status: str  # "trained", "skipped" or "failed"
+    status: str  # "trained", "resumed", "skipped" or "failed"
     run: Run | None = None
     error: str | None = None
 
@@ -82,34 +84,52 @@ def _canonical(spec: dict) -> str:
     return json.dumps(spec, sort_keys=True, default=str)
 
 
-def finished_run(runs_dir: Path, spec: Experiment) -> Run | None:
-    """A finished run of this experiment name whose recorded spec equals ``spec``, if any."""
+def _same_spec_runs(runs_dir: Path, spec: Experiment):
+    """(run, state) of every run of this experiment name whose recorded spec equals ``spec``, newest first."""
     wanted = _canonical(json.loads(json.dumps(spec.model_dump(mode="json"))))
-    for run in find_runs(Path(runs_dir)):
+    for run in sorted(find_runs(Path(runs_dir)), key=lambda r: r.path.name, reverse=True):
         if run.experiment != spec.name:
             continue
         recorded = run.read("spec.json")
-        if isinstance(recorded, dict) and _canonical(recorded) == wanted and read_run(run).state == "finished":
+        if isinstance(recorded, dict) and _canonical(recorded) == wanted:
+            yield run, read_run(run).state
+
+
+def finished_run(runs_dir: Path, spec: Experiment) -> Run | None:
+    """A finished run of this experiment name whose recorded spec equals ``spec``, if any."""
+    return next((run for run, state in _same_spec_runs(runs_dir, spec) if state == "finished"), None)
+
+
+#: Run states that ``vlab run`` resumes: stopped from outside, not by an error of their own.
+RESUMABLE_STATES = ("killed", "interrupted")
+
+
+def resumable_run(runs_dir: Path, spec: Experiment) -> Run | None:
+    """The newest killed or interrupted run of this spec that saved ``checkpoints/last.pt``, if any."""
+    for run, state in _same_spec_runs(runs_dir, spec):
+        if state in RESUMABLE_STATES and (run.checkpoints / "last.pt").is_file():
             return run
     return None
 
 
 def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
-             on_start: Callable[[int, Job], None] | None = None,
+             on_start: Callable[[int, Job, Run | None], None] | None = None,
              on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Train each job unless a finished identical run exists (``force`` trains anyway)."""
+    """Train each job unless a finished identical run exists, resuming a killed or interrupted one
+    (``force`` starts a new run anyway)."""
     outcomes = []
     for position, job in enumerate(jobs):
         existing = None if force else finished_run(project.runs_dir, job.spec)
         if existing is not None:
             outcome = Outcome(job, "skipped", existing)
         else:
+            resume = None if force or job.spec.ensemble is not None else resumable_run(project.runs_dir, job.spec)
             if on_start:
-                on_start(position, job)
+                on_start(position, job, resume)
             before = set(find_runs(project.runs_dir))
             try:
                 # The spec is already resolved; resolving again is a no-op. nproc rides in the spec.
-                outcome = Outcome(job, "trained", _execute(job, project))
+                outcome = Outcome(job, "resumed" if resume else "trained", _execute(job, project, resume))
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one experiment failing must not stop the others
@@ -122,8 +142,8 @@ def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
     return outcomes
 
 
-def _execute(job: Job, project: Project) -> Run:
-    """Train the job's experiment, or build it when it is an ensemble of trained runs."""
+def _execute(job: Job, project: Project, resume: Run | None = None) -> Run:
+    """Train the job's experiment (continuing ``resume``), or build it when it is an ensemble of trained runs."""
     if job.spec.ensemble is not None:
         from vesuvius_lab.core.ensemble import build_ensemble
         from vesuvius_lab.core.train import resolve_device
@@ -131,4 +151,6 @@ def _execute(job: Job, project: Project) -> Run:
         return build_ensemble(job.loaded, project, device=resolve_device(project.settings.device))
     from vesuvius_lab.core.train import train
 
+    if resume is not None:
+        return train(None, project, resume=resume.path)
     return train(job.loaded, project)
