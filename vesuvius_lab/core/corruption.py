@@ -46,9 +46,10 @@ def punch_holes(label: np.ndarray, rng: np.random.Generator, *, holes: tuple[int
 
     ``holes``: how many balls (inclusive range) of ``radius`` (inclusive range) centred on surface
     voxels are cut out of the sheets per :data:`DAMAGE_BLOCK` voxels, so that a training window and
-    a whole validation volume are damaged as densely. ``erode_probability``: chance of thinning the sheets by one
-    voxel first (a sheet predicted too thin). ``dust``: how many small balls of ``dust_radius`` to
-    add at random places (false positives). Other label values (e.g. the ignore label) are background.
+    a whole validation volume are damaged as densely. ``erode_probability``: chance of thinning the
+    sheets by one voxel first (a sheet predicted too thin). ``dust``: how many small balls of
+    ``dust_radius`` to add at random places per block (false positives). Other label values (e.g.
+    the ignore label) are background.
     """
     from scipy import ndimage
 
