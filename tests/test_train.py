@@ -214,31 +214,40 @@ def test_gradient_of_two_ranks_with_batch_b_equals_one_rank_with_batch_2b(tmp_pa
         assert torch.allclose(ddp_grads[name], parameter.grad, rtol=1e-4, atol=1e-6), name
 
 
-def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(synth_data, tmp_path):
-    runs = tmp_path / "runs"
-    stitcher = tmp_path / "stitcher.toml"
-    stitcher.write_text(textwrap.dedent("""
+def stitcher_experiment(tmp_path: Path, *, window: int, channels: list[int], holes: list[int], radius: list[int],
+                        epochs: int, iterations: int, batch_size: int) -> Path:
+    """A hole-stitching experiment named "stitcher" (cubic windows, default stitch loss, lr 5e-3)."""
+    path = tmp_path / "stitcher.toml"
+    path.write_text(textwrap.dedent(f"""
         name = "stitcher"
         postprocess = []
         [data]
         task = "hole_stitching"
-        window = [16, 16, 16]
+        window = {[window] * 3}
         folds = 3
         foreground_oversample = 1.0
-        corruption = { holes = [1, 2], radius = [1, 2] }
+        corruption = {{ holes = {holes}, radius = {radius} }}
         [model]
         plugin = "hole_stitcher_unet"
-        params = { channels = [4, 8] }
+        params = {{ channels = {channels} }}
         [[loss]]
         plugin = "stitch"
         [train]
-        epochs = 1
-        iterations_per_epoch = 2
-        batch_size = 2
+        epochs = {epochs}
+        iterations_per_epoch = {iterations}
+        batch_size = {batch_size}
+        lr = 5e-3
         workers = 0
         [inference]
-        window = [16, 16, 16]
+        window = {[window] * 3}
     """))
+    return path
+
+
+def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(synth_data, tmp_path):
+    runs = tmp_path / "runs"
+    stitcher = stitcher_experiment(tmp_path, window=16, channels=[4, 8], holes=[1, 2], radius=[1, 2],
+                                   epochs=1, iterations=2, batch_size=2)
     result = vlab(["train", str(stitcher)], synth_data, runs)
     assert result.returncode == 0, result.stderr
     steps = only_run(runs).read("summary.json")["steps"]
@@ -259,30 +268,8 @@ def test_a_stitcher_trained_by_vlab_train_repairs_held_out_volumes(synth_data, t
     """The quick stitcher's recipe, shortened: on the validation fold (volumes it never saw, holes
     punched as densely as in training) the merged result must beat the damaged input."""
     runs = tmp_path / "runs"
-    stitcher = tmp_path / "stitcher.toml"
-    stitcher.write_text(textwrap.dedent("""
-        name = "stitcher"
-        postprocess = []
-        [data]
-        task = "hole_stitching"
-        window = [32, 32, 32]
-        folds = 3
-        foreground_oversample = 1.0
-        corruption = { holes = [2, 5], radius = [2, 4] }
-        [model]
-        plugin = "hole_stitcher_unet"
-        params = { channels = [8, 16, 32] }
-        [[loss]]
-        plugin = "stitch"
-        [train]
-        epochs = 2
-        iterations_per_epoch = 400
-        batch_size = 4
-        lr = 5e-3
-        workers = 0
-        [inference]
-        window = [32, 32, 32]
-    """))
+    stitcher = stitcher_experiment(tmp_path, window=32, channels=[8, 16, 32], holes=[2, 5], radius=[2, 4],
+                                   epochs=2, iterations=400, batch_size=4)
     result = vlab(["train", str(stitcher)], synth_data, runs)
     assert result.returncode == 0, result.stderr
     summary = only_run(runs).read("summary.json")
