@@ -189,6 +189,15 @@ def run_child(code: str, *args: str, env: dict | None = None) -> str:
     return result.stdout.strip()
 
 
+def peer_row(part: str, peer_name: str, peer_clock, ours: float, diff: float, values: str) -> dict:
+    """Print one part's time and values against its peer's; the summary row for it."""
+    verdict = "agree" if diff < 1e-9 else "DIFFER"
+    print(f"  {part:12s} {peer_name:16s} {peer_clock.cpu:6.2f} s   ours {ours:5.2f} s   "
+          f"x{peer_clock.cpu / ours:.1f}   {values} (values {verdict}, |diff| {diff:.1e})")
+    return _summary.row("metric", f"{part} part", ours, "s CPU", peer=peer_clock.cpu, peer_name=peer_name,
+                        note=f"values {verdict} (|diff| {diff:.1e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="side of the cubic test volume")
@@ -226,21 +235,12 @@ def main() -> None:
 
     print("\npeers on the same arrays (ratio = peer CPU time / ours):")
     peer_clock, peer_dice = time_surface_distance_peer(pred_fg, label_fg)
-    diff = abs(peer_dice - score.surface_dice)
-    print(f"  SurfaceDice  surface_distance {peer_clock.cpu:6.2f} s   ours {timings['surface_dice']:5.2f} s   "
-          f"x{peer_clock.cpu / timings['surface_dice']:.1f}   value {peer_dice:.12f} "
-          f"({'agrees' if diff < 1e-9 else 'DIFFERS'}, |diff| {diff:.1e})")
-    rows.append(_summary.row("metric", "SurfaceDice part", timings["surface_dice"], "s CPU", peer=peer_clock.cpu,
-                             peer_name="surface-distance",
-                             note=f"values {'agree' if diff < 1e-9 else 'DIFFER'} (|diff| {diff:.1e})"))
+    rows.append(peer_row("SurfaceDice", "surface-distance", peer_clock, timings["surface_dice"],
+                         abs(peer_dice - score.surface_dice), f"value {peer_dice:.12f}"))
     peer_clock, split, merge = time_voi_peer(pred_fg, label_fg)
-    diff = max(abs(split - score.voi_split), abs(merge - score.voi_merge))
-    print(f"  VOI          scikit-image     {peer_clock.cpu:6.2f} s   ours {timings['voi']:5.2f} s   "
-          f"x{peer_clock.cpu / timings['voi']:.1f}   split {split:.12f} merge {merge:.12f} "
-          f"({'agrees' if diff < 1e-9 else 'DIFFERS'}, |diff| {diff:.1e})")
-    rows.append(_summary.row("metric", "VOI part", timings["voi"], "s CPU", peer=peer_clock.cpu,
-                             peer_name="scikit-image",
-                             note=f"values {'agree' if diff < 1e-9 else 'DIFFER'} (|diff| {diff:.1e})"))
+    rows.append(peer_row("VOI", "scikit-image", peer_clock, timings["voi"],
+                         max(abs(split - score.voi_split), abs(merge - score.voi_merge)),
+                         f"split {split:.12f} merge {merge:.12f}"))
     print(f"  TopoScore    {betti_matching_peer()}")
 
     pred_t, label_t = mirrored_conformance_pair(size=args.size)
