@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+#: Official scores and Betti counts of the conformance cases, and the cases' arrays.
+CONFORMANCE = Path(__file__).parent / "data" / "conformance"
+
+
+def conformance_expected(stem: str) -> dict:
+    """The "cases" of ``<stem>_expected.json`` (e.g. "metric", "betti_tile")."""
+    return json.loads((CONFORMANCE / f"{stem}_expected.json").read_text())["cases"]
+
+
+def conformance_arrays(stem: str) -> dict[str, np.ndarray]:
+    """Every array of ``<stem>_cases.npz``, keyed ``<case>__<part>``."""
+    with np.load(CONFORMANCE / f"{stem}_cases.npz") as data:
+        return {key: data[key] for key in data.files}
+
 
 SYNTH = {"n": 6, "shape": (32, 48, 48), "seed": 0, "scrolls": 3, "n_test": 2}
 

@@ -9,23 +9,20 @@ The references work straight from the definitions on tiny volumes, in plain Pyth
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import conformance_arrays, conformance_expected
 
 from vesuvius_lab.core.betti import betti_counts, tile_slices, tiled_betti_counts
 from vesuvius_lab.core.betti_dim1 import matched_dim1
 
-CONFORMANCE = Path(__file__).parent / "data" / "conformance"
-TILE_CASES = json.loads((CONFORMANCE / "betti_tile_expected.json").read_text())["cases"]
+TILE_CASES = conformance_expected("betti_tile")
 
 
 @pytest.fixture(scope="module")
 def tile_arrays():
-    with np.load(CONFORMANCE / "betti_tile_cases.npz") as data:
-        return {key: data[key] for key in data.files}
+    return conformance_arrays("betti_tile")
 
 
 @pytest.mark.parametrize("name", sorted(TILE_CASES))

@@ -4,24 +4,22 @@ published implementation it must equal (surface_distance, scikit-image)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import conformance_arrays, conformance_expected
 
 from vesuvius_lab.core.metric import (VolumeScore, dimension_f1, foreground_masks, mean_scores, score_volume,
                                       topo_score)
 from vesuvius_lab.core.surface_dice import surface_dice
 from vesuvius_lab.core.voi import voi_split_merge
 
-CONFORMANCE = Path(__file__).parent / "data" / "conformance"
-CASES = json.loads((CONFORMANCE / "metric_expected.json").read_text())["cases"]
+CASES = conformance_expected("metric")
 
 
 @pytest.fixture(scope="module")
 def case_arrays():
-    with np.load(CONFORMANCE / "metric_cases.npz") as data:
-        return {key: data[key] for key in data.files}
+    return conformance_arrays("metric")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

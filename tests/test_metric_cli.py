@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import conformance_arrays, conformance_expected
 
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.evaluate import evaluate_pairs, pair_volumes
 from vesuvius_lab.core.metric import score_volume
 from vesuvius_lab.core.tiff import write_volume
 
-CONFORMANCE = Path(__file__).parent / "data" / "conformance"
 IDS = ("case101_03_merge", "case101_06_noise", "hand_odd_shape")
 
 
@@ -31,11 +31,11 @@ def folders(tmp_path_factory) -> tuple[Path, Path, dict]:
     """pred/ and label/ folders with three conformance cases, and their arrays."""
     root = tmp_path_factory.mktemp("evaluate")
     arrays = {}
-    with np.load(CONFORMANCE / "metric_cases.npz") as data:
-        for volume_id in IDS:
-            arrays[volume_id] = data[f"{volume_id}__pred"], data[f"{volume_id}__label"]
-            write_volume(root / "pred" / f"{volume_id}.tif", arrays[volume_id][0])
-            write_volume(root / "label" / f"{volume_id}.tif", arrays[volume_id][1])
+    data = conformance_arrays("metric")
+    for volume_id in IDS:
+        arrays[volume_id] = data[f"{volume_id}__pred"], data[f"{volume_id}__label"]
+        write_volume(root / "pred" / f"{volume_id}.tif", arrays[volume_id][0])
+        write_volume(root / "label" / f"{volume_id}.tif", arrays[volume_id][1])
     return root / "pred", root / "label", arrays
 
 
@@ -45,7 +45,7 @@ def test_json_scores_equal_score_volume(folders):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [v["id"] for v in report["volumes"]] == sorted(IDS)
-    expected = json.loads((CONFORMANCE / "metric_expected.json").read_text())["cases"]
+    expected = conformance_expected("metric")
     for volume in report["volumes"]:
         direct = score_volume(*arrays[volume["id"]]).to_dict()
         assert volume == {"id": volume["id"], **direct}
