@@ -116,6 +116,8 @@ def test_loss_ignores_the_ignore_label_and_prefers_the_label():
     assert torch.isclose(bce, expected)
     assert torch.isclose(stitcher_loss(changed, target, valid, gradient_weight=0.0, reconstruction="bce"),
                          stitcher_loss(exact, target, valid, gradient_weight=0.0, reconstruction="bce"))
+    with pytest.raises(ValueError, match="l1"):
+        stitcher_loss(exact, target, valid, reconstruction="l2")
 
 
 @pytest.mark.parametrize("in_channels", [1, 2])

@@ -5,12 +5,12 @@ labels alone, to turn a damaged sheet mask back into the labelled sheet: trainin
 labels corrupted by :func:`punch_holes` (random holes, optional erosion and dust), targets are
 the labels themselves.
 
-The reusable parts:
-  :func:`punch_holes`             the corruption (numpy; usable by any data pipeline)
+The reusable parts (the corruption, ``punch_holes``, and the merge of stitched voxels into the
+input, ``merge_stitched``, live in ``core/corruption.py`` and ``core/stitch_merge.py``):
   :func:`build_stitcher_network`  a MONAI ``UNet`` with few features, 1 or 2 input channels
                                   (mask, or mask and probabilities), 1 output channel (logits)
-  :func:`stitcher_loss`           L1 reconstruction plus a gradient-matching term, both masked by
-                                  the ignore label
+  :func:`stitcher_loss`           L1 (or BCE) reconstruction plus a gradient-matching term, both
+                                  masked by the ignore label
   :class:`StitcherWindows`        random damaged training windows and their targets
   :func:`fit_hole_stitcher`       a standalone training loop that returns (and can save) weights
   :func:`save_stitcher` / :func:`load_stitcher`   checkpoint files
@@ -92,7 +92,7 @@ def build_stitcher_network(params: StitcherNetParams) -> "torch.nn.Module":
 
 
 def stitcher_loss(logits: "torch.Tensor", target: "torch.Tensor", valid: "torch.Tensor", *,
-                  gradient_weight: float = 1.0, reconstruction: str = "l1") -> "torch.Tensor":
+                  gradient_weight: float = 0.1, reconstruction: Literal["l1", "bce"] = "l1") -> "torch.Tensor":
     """Mean L1 between sigmoid(logits) and the target (``reconstruction="bce"``: binary cross-entropy of the
     logits instead), plus ``gradient_weight`` times the mean L1 between their finite differences along
     each axis (penalises ragged edges and leftover holes).
@@ -106,8 +106,10 @@ def stitcher_loss(logits: "torch.Tensor", target: "torch.Tensor", valid: "torch.
     valid = valid.float()
     if reconstruction == "bce":
         per_voxel = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
-    else:
+    elif reconstruction == "l1":
         per_voxel = (prob - target).abs()
+    else:
+        raise ValueError(f"reconstruction must be 'l1' or 'bce', not {reconstruction!r}")
     loss = (per_voxel * valid).sum() / valid.sum().clamp_min(1.0)
     if gradient_weight:
         terms = []
