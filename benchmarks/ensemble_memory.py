@@ -1,7 +1,7 @@
 """Memory of combining ensemble members: five cached members of a 320^3 volume into one.
 
 Each member's float16 probabilities are saved as ``.npy`` (as the probability cache stores them)
-and combined from memory maps with :func:`vesuvius_lab.core.ensemble.combine`, once per mode.
+and combined from memory maps with :func:`vesuvius_lab.core.inference.ensemble.combine`, once per mode.
 Printed: the peak of numpy's traced allocations (tracemalloc) during the combination, in MiB and
 as a multiple of one float32 volume. Memory-mapped pages are file cache, not allocations, so the
 peak is the float32 running sum plus the slab being added.
@@ -20,10 +20,10 @@ import tempfile
 import tracemalloc
 from pathlib import Path
 
+import _summary
 import numpy as np
 
-import _summary
-from vesuvius_lab.core.ensemble import combine
+from vesuvius_lab.core.inference.ensemble import combine
 
 
 def main() -> None:

@@ -29,11 +29,11 @@ import ctypes
 import time
 from pathlib import Path
 
+import _summary
 import numpy as np
 import torch
 
-import _summary
-from vesuvius_lab.core.inference import sliding_window
+from vesuvius_lab.core.inference.engine import sliding_window
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")

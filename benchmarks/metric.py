@@ -15,22 +15,23 @@ average is high.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _summary
 import numpy as np
 
-import _summary
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ class Clock:
 
 
 def time_ours(pred, label, repeat: int):
-    from vesuvius_lab.core.metric import score_volume
+    from vesuvius_lab.core.metric.score import score_volume
 
     best = None
     for _ in range(repeat):
@@ -161,14 +162,14 @@ def betti_matching_peer() -> str:
 CHILD_FIRST_CALL = """
 import time
 start = time.perf_counter()
-from vesuvius_lab.core.metric import warm_up
+from vesuvius_lab.core.metric.score import warm_up
 warm_up()  # every kernel of the score, on tiny volumes
 print(time.perf_counter() - start)
 """
 
 CHILD_MEMORY = """
 import sys, numpy as np
-from vesuvius_lab.core.metric import score_volume
+from vesuvius_lab.core.metric.score import score_volume
 
 def peak_mib():  # high-water mark of this process's resident memory (Linux)
     for line in open("/proc/self/status"):
@@ -214,7 +215,7 @@ def main() -> None:
           f"without the numba cache (compiling), {warm:.1f} s with it")
 
     pred, label = scroll_pair(args.size)
-    from vesuvius_lab.core.metric import foreground_masks, score_volume
+    from vesuvius_lab.core.metric.score import foreground_masks, score_volume
 
     score_volume(pred[:32, :32, :32], label[:32, :32, :32])  # load the compiled kernels
     pred_fg, label_fg = foreground_masks(pred, label)

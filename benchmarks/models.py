@@ -25,16 +25,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import _summary
 import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-import _summary
 from vesuvius_lab.core import registry
-from vesuvius_lab.core.experiment import load_experiment
+from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.models import count_parameters
-from vesuvius_lab.core.objective import build_objective
+from vesuvius_lab.core.training.objective import build_objective
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 STATUS = Path("/proc/self/status")

@@ -33,9 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import _summary
+import numpy as np
 
 PATCH, STAGES, FEATURES, BATCH = [32, 32, 32], 3, [8, 16, 32], 2
 PARAMS = {
@@ -47,7 +46,7 @@ PARAMS = {
 
 def write_dataset(root: Path, n: int, side: int) -> list[list[str]]:
     """``n`` volumes with tilted bright sheets (labels 0/1/2) over 3 scrolls; returns the folds."""
-    from vesuvius_lab.core.tiff import write_volume
+    from vesuvius_lab.core.data.tiff import write_volume
 
     rng = np.random.default_rng(0)
     z, y, x = np.meshgrid(*(np.arange(side),) * 3, indexing="ij")
@@ -86,7 +85,7 @@ def run_ours(data: Path, work: Path, folds: list[list[str]], epochs: int, iterat
              volumes: list[np.ndarray]) -> tuple[dict[str, float], list[np.ndarray]]:
     from vesuvius_lab.core import registry
     from vesuvius_lab.core.backend import TrainJob
-    from vesuvius_lab.core.spec import Experiment
+    from vesuvius_lab.core.config.spec import Experiment
 
     spec = Experiment.model_validate({
         "name": "bench", "data": {"root": str(data), "fold": 0}, "model": {"plugin": "nnunet", "params": PARAMS},
@@ -115,8 +114,8 @@ def run_direct(data: Path, work: Path, folds: list[list[str]], epochs: int, iter
     import torch
     from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
         nnUNetPlannerResEncM
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset, plan_experiment_dataset, preprocess_dataset)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset, preprocess_dataset)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -189,11 +188,11 @@ def main() -> None:
     import nnunetv2.experiment_planning.plan_and_preprocess_api  # noqa: F401
     import nnunetv2.inference.predict_from_raw_data  # noqa: F401
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer  # noqa: F401
-    import vesuvius_lab.plugins.nnunet.model  # noqa: F401
     from rich.console import Console
     from rich.table import Table
 
-    from vesuvius_lab.core.tiff import read_volume
+    import vesuvius_lab.plugins.nnunet.model  # noqa: F401
+    from vesuvius_lab.core.data.tiff import read_volume
 
     root = Path(tempfile.mkdtemp(prefix="vlab-bench-nnunet-"))
     try:

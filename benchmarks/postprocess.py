@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import _summary
 import numpy as np
 
-import _summary
 from vesuvius_lab.core import registry
 
 STEPS = [
@@ -80,7 +80,7 @@ def main() -> None:
 
 def time_topology_merge(mask: np.ndarray, args) -> dict:
     """The stitcher's default merge, judging the many voxel groups a closing proposes for the noisy mask."""
-    from vesuvius_lab.core.stitch_merge import merge_stitched
+    from vesuvius_lab.core.inference.stitch_merge import merge_stitched
     from vesuvius_lab.plugins.postprocess import close_mask
 
     proposed = close_mask(mask, 3)

@@ -14,17 +14,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import _summary
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import _summary
-from vesuvius_lab.core.experiment import load_experiment
-from vesuvius_lab.core.project import load_project
-from vesuvius_lab.core.runs import new_run
-from vesuvius_lab.core.split import make_split
-from vesuvius_lab.core.synthetic import write_dataset
-from vesuvius_lab.core.train import Setup, Trainer
+from vesuvius_lab.core.config.experiment import load_experiment
+from vesuvius_lab.core.config.project import load_project
+from vesuvius_lab.core.data.split import make_split
+from vesuvius_lab.core.data.synthetic import write_dataset
+from vesuvius_lab.core.runs.folder import new_run
+from vesuvius_lab.core.training.trainer import Setup, Trainer
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ SYNTH = {"n": 6, "shape": (32, 48, 48), "seed": 0, "scrolls": 3, "n_test": 2}
 def synth_data(tmp_path_factory) -> Path:
     """A tiny synthetic dataset in the competition layout: 6 training volumes of 32x48x48 over 3
     scrolls and 2 test volumes. Shared by the whole session: copy it before changing anything."""
-    from vesuvius_lab.core.synthetic import write_dataset
+    from vesuvius_lab.core.data.synthetic import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("synth") / "data", progress=False, **SYNTH)
 
@@ -61,9 +61,9 @@ batch_size = 8
 def tiny_run(synth_data, tmp_path_factory) -> Path:
     """A finished run of a tiny 2.5D UNet on ``synth_data`` (1 epoch, 2 iterations), for prediction tests.
     Session-shared: do not change it."""
-    from vesuvius_lab.core.experiment import load_experiment
-    from vesuvius_lab.core.project import load_project
-    from vesuvius_lab.core.train import train
+    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.config.project import load_project
+    from vesuvius_lab.core.training.trainer import train
 
     root = tmp_path_factory.mktemp("tiny-run")
     (root / "tiny.toml").write_text(tiny_experiment())

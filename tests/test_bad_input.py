@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from vesuvius_lab.core.tiff import write_volume
+from vesuvius_lab.core.data.tiff import write_volume
 
 CORPUS = sorted((Path(__file__).parent / "bad_inputs").glob("*.toml"))
 

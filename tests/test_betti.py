@@ -9,13 +9,12 @@ The references work straight from the definitions on tiny volumes, in plain Pyth
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from conftest import conformance_arrays, conformance_expected
 
-from vesuvius_lab.core.betti import betti_counts, tile_slices, tiled_betti_counts
-from vesuvius_lab.core.betti_dim1 import matched_dim1
+from vesuvius_lab.core.metric.betti import betti_counts, tile_slices, tiled_betti_counts
+from vesuvius_lab.core.metric.betti_dim1 import matched_dim1
 
 TILE_CASES = conformance_expected("betti_tile")
 

@@ -14,9 +14,9 @@ import tifffile
 from click.testing import CliRunner
 
 from vesuvius_lab.cli import cli
-from vesuvius_lab.core.data import Dataset, check_dataset, make_folds, open_volume
+from vesuvius_lab.core.data.dataset import Dataset, check_dataset, make_folds, open_volume
+from vesuvius_lab.core.data.tiff import VolumeError, write_volume
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.tiff import VolumeError, write_volume
 
 VLAB = str(Path(sys.executable).parent / "vlab")
 

@@ -16,18 +16,19 @@ import pytest
 import tifffile
 
 from vesuvius_lab.cli import main as vlab
-from vesuvius_lab.core.data import Dataset
-from vesuvius_lab.core.ensemble import EnsemblePredictor, build_ensemble, combine
-from vesuvius_lab.core.ensemble_members import members_from_record, resolve_members
+from vesuvius_lab.core.config.experiment import SpecError, load_experiment
+from vesuvius_lab.core.config.project import Project, load_project
+from vesuvius_lab.core.config.spec import EnsembleSpec, Experiment
+from vesuvius_lab.core.data.dataset import Dataset
+from vesuvius_lab.core.data.tiff import read_volume
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.experiment import SpecError, load_experiment
-from vesuvius_lab.core.metric import score_volume
-from vesuvius_lab.core.predict import load_run
-from vesuvius_lab.core.probability_cache import CachedRun, volume_key
-from vesuvius_lab.core.project import Project, load_project
-from vesuvius_lab.core.runs import Run
-from vesuvius_lab.core.spec import EnsembleSpec, Experiment
-from vesuvius_lab.core.tiff import read_volume
+from vesuvius_lab.core.inference.ensemble import EnsemblePredictor, combine
+from vesuvius_lab.core.training.ensemble_run import build_ensemble
+from vesuvius_lab.core.inference.ensemble_members import members_from_record, resolve_members
+from vesuvius_lab.core.inference.probability_cache import CachedRun, volume_key
+from vesuvius_lab.core.inference.run_kinds import load_run
+from vesuvius_lab.core.metric.score import score_volume
+from vesuvius_lab.core.runs.folder import Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,7 @@ def write_project(root: Path, data: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def ws(synth_data, tmp_path_factory) -> Workspace:
     """Three tiny runs of two model families: the 2.5D SMP UNet on both folds, the MONAI UNet on fold 0."""
-    from vesuvius_lab.core.train import train
+    from vesuvius_lab.core.training.trainer import train
 
     root = tmp_path_factory.mktemp("ensemble")
     shutil.copytree(synth_data, root / "data")
@@ -218,6 +219,7 @@ def test_ensemble_is_scored_out_of_fold_and_recorded_like_a_run(ws, builds):
 def test_each_volume_score_is_that_of_the_mean_of_the_cached_member_arrays(ws, builds):
     run = builds["mean"]
     predictor = load_run(run.path)
+    assert predictor.kind == "ensemble"
     labels = Dataset.open(ws.data)
     for entry in run.read("scores.json")["volumes"]:
         volume = image(ws, entry["id"])
@@ -271,7 +273,7 @@ def test_a_change_of_inference_settings_predicts_again(ws, builds):
 
 
 def test_leaderboard_ranks_the_ensemble_beside_its_members(ws, builds):
-    from vesuvius_lab.core.report import build_leaderboard
+    from vesuvius_lab.core.reports.leaderboard import build_leaderboard
 
     board = build_leaderboard(ws.runs)
     rows = {row.experiment: row for row in board.rows}

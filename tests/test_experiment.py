@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from vesuvius_lab.cli import main
-from vesuvius_lab.core.experiment import SpecError, load_experiment
-from vesuvius_lab.core.project import load_project
+from vesuvius_lab.core.config.experiment import SpecError, load_experiment
+from vesuvius_lab.core.config.project import load_project
 
 
 @pytest.fixture

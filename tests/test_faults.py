@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import tiny_experiment
 
-from vesuvius_lab.core import checkpoint, distributed
-from vesuvius_lab.core.runs import effective_state, find_runs
+from vesuvius_lab.core import checkpoint
+from vesuvius_lab.core.runs.folder import effective_state, find_runs
+from vesuvius_lab.core.training import distributed
 
 WRITER = textwrap.dedent("""
     import sys, torch

@@ -9,9 +9,9 @@ from pydantic import ValidationError
 
 from vesuvius_lab.core import registry
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.plugins.hole_stitching import (
-    CorruptionParams, StitcherNetParams, StitcherWindows, build_stitcher_network, fit_hole_stitcher,
-    load_stitcher, pack_inputs, punch_holes, stitcher_loss, unpack_inputs)
+from vesuvius_lab.plugins.hole_stitching import (CorruptionParams, StitcherNetParams, StitcherWindows,
+                                                 build_stitcher_network, fit_hole_stitcher, load_stitcher, pack_inputs,
+                                                 punch_holes, stitcher_loss, unpack_inputs)
 
 TINY_NET = StitcherNetParams(channels=(8, 16, 32))
 

@@ -13,11 +13,10 @@ from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 
 from vesuvius_lab.core import registry
+from vesuvius_lab.core.config.spec import InferenceSpec, PluginRef
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.inference import (
-    clear_weight_maps, padding, predict_volume, sliding_window, tile, weight_map, weight_map_cache_info,
-    window_starts)
-from vesuvius_lab.core.spec import InferenceSpec, PluginRef
+from vesuvius_lab.core.inference.engine import (clear_weight_maps, padding, predict_volume, sliding_window, tile,
+                                                weight_map, weight_map_cache_info, window_starts)
 
 torch.set_num_threads(1)
 

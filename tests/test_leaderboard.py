@@ -16,11 +16,11 @@ import pytest
 from rich.console import Console
 
 from vesuvius_lab.cli import main
-from vesuvius_lab.core import leaderboard_view as view
+from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.report import build_leaderboard
-from vesuvius_lab.core.row_filter import parse_filter
-from vesuvius_lab.core.spec import Experiment
+from vesuvius_lab.core.reports import leaderboard_view as view
+from vesuvius_lab.core.reports.leaderboard import build_leaderboard
+from vesuvius_lab.core.reports.row_filter import parse_filter
 
 _started = iter(range(1_000_000, 2_000_000))
 

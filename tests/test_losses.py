@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from vesuvius_lab.core import registry
+from vesuvius_lab.core.config.spec import LossTerm
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.objective import build_objective, term_names
-from vesuvius_lab.core.spec import LossTerm
+from vesuvius_lab.core.training.objective import build_objective, term_names
 
 #: What building a plugin with invalid params raises (the registry may wrap pydantic's error).
 BAD_PARAMS = (UserError, ValidationError)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import conformance_arrays, conformance_expected
 
-from vesuvius_lab.core.metric import (VolumeScore, dimension_f1, foreground_masks, mean_scores, score_volume,
-                                      topo_score)
-from vesuvius_lab.core.surface_dice import surface_dice
-from vesuvius_lab.core.voi import voi_split_merge
+from vesuvius_lab.core.metric.score import (VolumeScore, dimension_f1, foreground_masks, mean_scores, score_volume,
+                                            topo_score)
+from vesuvius_lab.core.metric.surface_dice import surface_dice
+from vesuvius_lab.core.metric.voi import voi_split_merge
 
 CASES = conformance_expected("metric")
 

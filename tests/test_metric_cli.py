@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import conformance_arrays, conformance_expected
 
+from vesuvius_lab.core.data.tiff import write_volume
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.evaluate import evaluate_pairs, pair_volumes
-from vesuvius_lab.core.metric import score_volume
-from vesuvius_lab.core.tiff import write_volume
+from vesuvius_lab.core.metric.evaluate import evaluate_pairs, pair_volumes
+from vesuvius_lab.core.metric.score import score_volume
 
 IDS = ("case101_03_merge", "case101_06_noise", "hand_odd_shape")
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vesuvius_lab.core import registry
+from vesuvius_lab.core.config.experiment import SpecError, load_experiment
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.experiment import SpecError, load_experiment
 from vesuvius_lab.core.models import Depth2D, count_parameters
 
 #: name -> (params, tiny window): small enough to train a few steps on 2 CPU cores.
@@ -251,7 +251,7 @@ def test_swinunetr_feature_size_must_be_a_multiple_of_12(tmp_path):
 
 def test_validating_a_swinunetr_experiment_imports_neither_torch_nor_monai(tmp_path):
     path = experiment(tmp_path, "monai_swinunetr", (64, 128, 128), "feature_size = 48")
-    code = ("import sys; from vesuvius_lab.core.experiment import load_experiment; "
+    code = ("import sys; from vesuvius_lab.core.config.experiment import load_experiment; "
             f"load_experiment({str(path)!r}); "
             "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

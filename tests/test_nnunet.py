@@ -13,10 +13,10 @@ import pytest
 
 from vesuvius_lab.core import registry
 from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
+from vesuvius_lab.core.config.experiment import SpecError, load_experiment
+from vesuvius_lab.core.config.spec import Experiment, InferenceSpec
+from vesuvius_lab.core.data.tiff import read_volume, write_volume
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.experiment import SpecError, load_experiment
-from vesuvius_lab.core.spec import Experiment, InferenceSpec
-from vesuvius_lab.core.tiff import read_volume, write_volume
 from vesuvius_lab.plugins.nnunet.checks import median_shape
 from vesuvius_lab.plugins.nnunet.conversion import convert_dataset
 from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ
@@ -363,3 +363,42 @@ def test_stopped_training_resumes_from_latest_checkpoint(trained, tmp_path):
     assert any("resuming from epoch 1" in line for line in log)
     assert sum(line.endswith(": Epoch 1") for line in log) == 1 and not any(line.endswith(": Epoch 0") for line in log)
     assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
+
+
+@pytest.mark.slow
+def test_an_nnunet_run_opens_as_self_training_and_the_leaderboard_shows_what_it_used(trained, tmp_path):
+    """The run-kind table opens an nnU-Net run through its backend, and its row names nnU-Net's own loss and
+    blending, not the [[loss]] defaults of the spec that it never used."""
+    import shutil
+
+    from vesuvius_lab.core.inference.run_kinds import load_run, run_kind
+    from vesuvius_lab.core.reports.compare import compare_runs
+    from vesuvius_lab.core.reports.leaderboard import build_leaderboard
+    from vesuvius_lab.core.runs.folder import Run
+    from vesuvius_lab.core.training.summary import write_summary
+
+    job, model, _ = trained
+    run = Run(tmp_path / "runs" / "tiny-nnunet" / "fold0-1")
+    shutil.copytree(job.run_dir, run.path)
+    run.write("spec.json", job.spec.model_dump(mode="json"))
+    run.write("scores.json", {"mean": {"score": 0.5}, "volumes": []})
+    assert run_kind(job.spec, model) == "self_training"
+    write_summary(run, job.spec, wall_time=1.0, parameters=None, epochs_done=1, best_epoch=1,
+                  kind=run_kind(job.spec, model), components=model.components)
+
+    predictor = load_run(run.path)
+    assert predictor.kind == "self_training"
+    image, _ = sheet_volume((32, 32, 32), np.random.default_rng(5))
+    model.load(run.path, "cpu")
+    np.testing.assert_array_equal(predictor.probabilities(image), model.predict_probabilities(image))
+
+    assert [t.plugin for t in job.spec.loss] == ["dice", "bce"]  # the spec's defaults, never used by nnU-Net
+    (row,) = build_leaderboard(run.path.parent.parent).rows
+    assert row.plugins["loss"] == "nnU-Net nnUNetTrainer (its own)"
+    assert row.plugins["blend"] == "nnU-Net gaussian"
+
+    other = Run(tmp_path / "runs" / "tiny-nnunet" / "fold0-2")
+    shutil.copytree(run.path, other.path)
+    other.write("spec.json", job.spec.model_copy(update={"loss": job.spec.loss[:1]}).model_dump(mode="json"))
+    comparison = compare_runs(run, other)
+    assert ("loss", "nnU-Net nnUNetTrainer (its own)", "nnU-Net nnUNetTrainer (its own)") in comparison.components

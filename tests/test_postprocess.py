@@ -8,7 +8,7 @@ import tifffile
 from pydantic import ValidationError
 
 from vesuvius_lab.core import registry
-from vesuvius_lab.core.postprocess import Chain, build_chain, read_prediction, step_labels
+from vesuvius_lab.core.inference.postprocess import Chain, build_chain, read_prediction, step_labels
 
 
 def step(name: str, threshold: float = 0.5, **params):
@@ -222,7 +222,7 @@ def scroll_like(shape=(48, 48, 48)) -> np.ndarray:
 
 
 def test_chain_raises_the_competition_score_of_a_prediction_with_dust_and_holes():
-    from vesuvius_lab.core.metric import score_volume
+    from vesuvius_lab.core.metric.score import score_volume
 
     label = scroll_like()
     rng = np.random.default_rng(3)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from vesuvius_lab.core.tiff import read_tiff, read_volume, write_volume
+from vesuvius_lab.core.data.tiff import read_tiff, read_volume, write_volume
 
 
 def vlab(args: list[str], cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:

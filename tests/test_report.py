@@ -12,11 +12,12 @@ import pytest
 from conftest import tiny_experiment
 
 from vesuvius_lab.cli import main
-from vesuvius_lab.core.pictures import (ALPHA, BACKGROUND, COLOURS, EXTRA, FOUND, IGNORED, LABELLED, MISSED,
-                                        error_classes, overlay_rgb, slice_classes, training_curves, volume_figure)
-from vesuvius_lab.core.run_report import pick_volumes, write_report
-from vesuvius_lab.core.runs import Run
-from vesuvius_lab.core.spec import Experiment
+from vesuvius_lab.core.config.spec import Experiment
+from vesuvius_lab.core.reports.pictures import (ALPHA, BACKGROUND, COLOURS, EXTRA, FOUND, IGNORED, LABELLED, MISSED,
+                                                error_classes, overlay_rgb, slice_classes, training_curves,
+                                                volume_figure)
+from vesuvius_lab.core.reports.run_report import pick_volumes, write_report
+from vesuvius_lab.core.runs.folder import Run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,10 +27,10 @@ TINY = tiny_experiment("pictured", epochs=2)
 @pytest.fixture(scope="module")
 def trained_run(synth_data, tmp_path_factory) -> Run:
     """One real run of a tiny 2.5D UNet on a copy of the synthetic data (two validation volumes)."""
-    from vesuvius_lab.core.experiment import load_experiment
-    from vesuvius_lab.core.project import Project
-    from vesuvius_lab.core.spec import ProjectSettings
-    from vesuvius_lab.core.train import train
+    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.config.project import Project
+    from vesuvius_lab.core.config.spec import ProjectSettings
+    from vesuvius_lab.core.training.trainer import train
 
     root = tmp_path_factory.mktemp("report")
     data = shutil.copytree(synth_data, root / "data")
@@ -98,7 +99,7 @@ def test_error_classes_follow_the_metric_tolerance():
 
 
 def test_the_error_colours_appear_where_the_errors_are(synth_data, tmp_path):
-    from vesuvius_lab.core.tiff import read_volume
+    from vesuvius_lab.core.data.tiff import read_volume
 
     volume_id = sorted(p.stem for p in (synth_data / "train_labels").glob("*.tif"))[0]
     image = read_volume(synth_data / "train_images" / f"{volume_id}.tif")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vesuvius_lab.core.metric import score_volume
-from vesuvius_lab.core.stitch_merge import close_tunnels, merge_stitched
+from vesuvius_lab.core.inference.stitch_merge import close_tunnels, merge_stitched
+from vesuvius_lab.core.metric.score import score_volume
 
 
 def plate(shape=(7, 21, 21), z=3) -> np.ndarray:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from vesuvius_lab.cli import main
-from vesuvius_lab.core.batch import finished_run, parse_folds, plan
+from vesuvius_lab.core.config.experiment import SpecError, parse_override
+from vesuvius_lab.core.config.project import load_project
+from vesuvius_lab.core.config.sweep import expand, key_labels, name_part, sweep_name, toml_value
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.experiment import SpecError, parse_override
-from vesuvius_lab.core.project import load_project
-from vesuvius_lab.core.report import build_leaderboard
-from vesuvius_lab.core.sweep import expand, key_labels, name_part, sweep_name, toml_value
+from vesuvius_lab.core.launch.batch import finished_run, parse_folds, plan
+from vesuvius_lab.core.reports.leaderboard import build_leaderboard
 
 TINY = """
 name = "tiny"

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from vesuvius_lab.cli import cli
-from vesuvius_lab.core.data import check_dataset
+from vesuvius_lab.core.data.dataset import check_dataset
+from vesuvius_lab.core.data.synthetic import MARKER, generate_volume, write_dataset
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.synthetic import MARKER, generate_volume, write_dataset
 
 SHAPE = (32, 64, 64)
 
@@ -141,7 +141,7 @@ def test_cli_synth_output_passes_cli_check(tmp_path):
 
 
 def test_cli_defaults_match_the_library_defaults():
-    from vesuvius_lab.core import synthetic
+    from vesuvius_lab.core.data import synthetic
 
     options = {p.name: p.default for p in cli.commands["data"].commands["synth"].params}
     assert options["n"] == synthetic.DEFAULT_N and options["scrolls"] == synthetic.DEFAULT_SCROLLS

@@ -17,9 +17,7 @@ import torch
 from conftest import tiny_experiment
 
 from vesuvius_lab.core import checkpoint
-from vesuvius_lab.core.runs import Run, effective_state, find_runs
-
-
+from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
 
 
 def experiment(tmp_path: Path, epochs: int = 2, iterations: int = 4) -> Path:
@@ -182,9 +180,9 @@ def _model_and_batch():
 def _ddp_gradients(rank: int, world_size: int, port: int, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    from vesuvius_lab.core import distributed
-    from vesuvius_lab.core.objective import build_objective
-    from vesuvius_lab.core.spec import LossTerm
+    from vesuvius_lab.core.config.spec import LossTerm
+    from vesuvius_lab.core.training import distributed
+    from vesuvius_lab.core.training.objective import build_objective
 
     distributed.init(rank, world_size, "cpu", port)
     model, image, label = _model_and_batch()
@@ -200,9 +198,9 @@ def _ddp_gradients(rank: int, world_size: int, port: int, out: str) -> None:
 
 
 def test_gradient_of_two_ranks_with_batch_b_equals_one_rank_with_batch_2b(tmp_path):
-    from vesuvius_lab.core import distributed
-    from vesuvius_lab.core.objective import build_objective
-    from vesuvius_lab.core.spec import LossTerm
+    from vesuvius_lab.core.config.spec import LossTerm
+    from vesuvius_lab.core.training import distributed
+    from vesuvius_lab.core.training.objective import build_objective
 
     out = tmp_path / "grads.pt"
     distributed.spawn(_ddp_gradients, 2, str(out))

@@ -29,7 +29,7 @@ class ProjectContext:
         self.project_file, self.data, self.runs, self.device = project_file, data, runs, device
 
     def project(self):
-        from vesuvius_lab.core.project import load_project
+        from vesuvius_lab.core.config.project import load_project
 
         project = load_project(Path(self.project_file) if self.project_file else None)
         return project.with_overrides(data=self.data, runs=self.runs, device=self.device)
@@ -57,7 +57,7 @@ def cli(ctx: click.Context, project_file, data, runs, device):
 @click.option("--quiet", "-q", is_flag=True, help="Print problems only.")
 def validate(files, overrides, quiet):
     """Check experiment files: every problem of every file (and of every [sweep] combination), with file, line and key path."""
-    from vesuvius_lab.core.sweep import expand_files
+    from vesuvius_lab.core.config.sweep import expand_files
 
     loaded, problems = expand_files(list(files), list(overrides))
     if not quiet:
@@ -74,7 +74,7 @@ def validate(files, overrides, quiet):
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to this file instead of stdout.")
 def schema(output):
     """Print the JSON Schema of experiment files (for Taplo / Even Better TOML)."""
-    from vesuvius_lab.core.spec import Experiment
+    from vesuvius_lab.core.config.spec import Experiment
 
     text = json.dumps(Experiment.model_json_schema(), indent=2)
     if output:
@@ -98,8 +98,8 @@ def schema(output):
 @click.pass_obj
 def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
     """Train an experiment (one fold), validate it with the competition score, record the run."""
-    from vesuvius_lab.core.experiment import load_experiment
-    from vesuvius_lab.core.train import train as run_training
+    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.training.trainer import train as run_training
 
     if bool(experiment) == bool(resume):
         raise UserError("Give either an experiment file to start a run or --resume RUN_DIR to continue one.")
@@ -134,7 +134,8 @@ def _print_result(run, label: str) -> None:
 def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides):
     """Predict volumes with a trained run (a run folder, or an experiment name for its newest finished run):
     masks after the run's post-processing chain."""
-    from vesuvius_lab.core.predict import input_volumes, load_run, predict_files
+    from vesuvius_lab.core.inference.predict import input_volumes, predict_files
+    from vesuvius_lab.core.inference.run_kinds import load_run
 
     volumes = input_volumes(Path(source))
     predictor = load_run(_run_path(obj, run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
@@ -157,8 +158,8 @@ def ensemble(obj: ProjectContext, experiment, overrides):
     each member contributes its run that did not train on it. `vlab predict` and `vlab submit`
     take the ensemble's run folder like any run's.
     """
-    from vesuvius_lab.core.ensemble import build_ensemble
-    from vesuvius_lab.core.experiment import load_experiment
+    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.training.ensemble_run import build_ensemble
 
     loaded = load_experiment(experiment, list(overrides))
     run = build_ensemble(loaded, obj.project(), device=_device(obj))
@@ -174,7 +175,8 @@ def ensemble(obj: ProjectContext, experiment, overrides):
 def submit(obj: ProjectContext, run_dir, source, output, overrides):
     """Write the competition's submission.zip (<id>.tif, uint8, each input's shape) with a run (a run
     folder, or an experiment name for its newest finished run)."""
-    from vesuvius_lab.core.predict import input_volumes, load_run, write_submission
+    from vesuvius_lab.core.inference.predict import input_volumes, write_submission
+    from vesuvius_lab.core.inference.run_kinds import load_run
 
     volumes = input_volumes(Path(source))
     predictor = load_run(_run_path(obj, run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
@@ -186,19 +188,19 @@ def submit(obj: ProjectContext, run_dir, source, output, overrides):
 
 def _run_path(obj: ProjectContext, text: str) -> Path:
     """A run folder, a path under the runs directory, or an experiment name (its newest finished run)."""
-    from vesuvius_lab.core.run_records import resolve_run
+    from vesuvius_lab.core.runs.records import resolve_run
 
     return resolve_run(text, obj.project().runs_dir).path
 
 
 def _device(obj: ProjectContext) -> str:
-    from vesuvius_lab.core.train import resolve_device
+    from vesuvius_lab.core.training.trainer import resolve_device
 
     return resolve_device(obj.project().settings.device)
 
 
 def _inference_overrides(overrides) -> dict:
-    from vesuvius_lab.core.experiment import parse_override
+    from vesuvius_lab.core.config.experiment import parse_override
 
     parsed = {}
     for text in overrides:
@@ -299,8 +301,8 @@ def _escape(text: str) -> str:
 @click.pass_obj
 def postprocess(obj: ProjectContext, experiment, input_dir, output_dir, overrides, uint8_probabilities):
     """Apply an experiment's [[postprocess]] chain to prediction TIFFs, writing uint8 masks."""
-    from vesuvius_lab.core.experiment import load_experiment
-    from vesuvius_lab.core.postprocess import build_chain, postprocess_folder
+    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.inference.postprocess import build_chain, postprocess_folder
 
     project = obj.project()
     spec = load_experiment(experiment, list(overrides)).spec
@@ -332,7 +334,7 @@ def data():
 @click.pass_obj
 def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test):
     """Write a synthetic scroll dataset in the competition layout (images, labels, csv files)."""
-    from vesuvius_lab.core.synthetic import write_dataset
+    from vesuvius_lab.core.data.synthetic import write_dataset
 
     target = Path(out_dir) if out_dir else obj.project().data_root
     write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test)
@@ -345,7 +347,7 @@ def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test):
 @click.pass_obj
 def data_check(obj: ProjectContext, root):
     """Check a data folder (default: the project's data root) and report every problem at once."""
-    from vesuvius_lab.core.data import check_dataset
+    from vesuvius_lab.core.data.dataset import check_dataset
 
     report = check_dataset(Path(root) if root else obj.project().data_root)
     if not report.ok:
@@ -396,8 +398,8 @@ def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, base
     > >= < <= (numbers), ~ (text contains, any case).
     """
     from vesuvius_lab.core.files import write_text_atomic
-    from vesuvius_lab.core.leaderboard_view import html_page, print_leaderboard
-    from vesuvius_lab.core.report import build_leaderboard
+    from vesuvius_lab.core.reports.leaderboard import build_leaderboard
+    from vesuvius_lab.core.reports.leaderboard_view import html_page, print_leaderboard
 
     board = build_leaderboard(Path(runs_dir) if runs_dir else obj.project().runs_dir, per_run=per_run, sort=sort,
                               filters=filters, top=top, baseline=baseline, task=task)
@@ -413,8 +415,8 @@ def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, base
 @click.pass_obj
 def compare(obj: ProjectContext, run_a, run_b):
     """Compare two runs (folders, or <experiment>/<run-id> in the runs dir): settings and per-volume scores."""
-    from vesuvius_lab.core.compare import compare_runs, tables
-    from vesuvius_lab.core.run_records import resolve_run
+    from vesuvius_lab.core.reports.compare import compare_runs, tables
+    from vesuvius_lab.core.runs.records import resolve_run
 
     runs_dir = obj.project().runs_dir
     for table in tables(compare_runs(resolve_run(run_a, runs_dir), resolve_run(run_b, runs_dir))):
@@ -431,8 +433,8 @@ def report(obj: ProjectContext, run_dir, output, volumes):
     """Pictures of a run: validation slices with errors coloured, training curves, and an index.html."""
     import os
 
-    from vesuvius_lab.core.run_records import resolve_run
-    from vesuvius_lab.core.run_report import write_report
+    from vesuvius_lab.core.reports.run_report import write_report
+    from vesuvius_lab.core.runs.records import resolve_run
 
     project = obj.project()
     run = resolve_run(run_dir, project.runs_dir)
@@ -456,9 +458,9 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
     one is resumed from its last checkpoint (--force starts new runs). A failure is reported and
     the other runs go on; the exit status is 2 if anything failed.
     """
-    from vesuvius_lab.core.batch import parse_folds, plan, run_jobs
-    from vesuvius_lab.core.leaderboard_view import print_leaderboard
-    from vesuvius_lab.core.report import build_leaderboard
+    from vesuvius_lab.core.launch.batch import parse_folds, plan, run_jobs
+    from vesuvius_lab.core.reports.leaderboard import build_leaderboard
+    from vesuvius_lab.core.reports.leaderboard_view import print_leaderboard
 
     project = obj.project()
     jobs, problems = plan(list(experiments), project, overrides=list(overrides), folds=parse_folds(folds), nproc=nproc)
@@ -505,8 +507,8 @@ def evaluate(pred, label, as_json, workers):
     """
     from rich.progress import Progress
 
-    from vesuvius_lab.core.evaluate import evaluate_pairs, pair_volumes
-    from vesuvius_lab.core.score_view import scores_json, scores_table
+    from vesuvius_lab.core.metric.evaluate import evaluate_pairs, pair_volumes
+    from vesuvius_lab.core.reports.score_view import scores_json, scores_table
 
     pairs = pair_volumes(Path(pred), Path(label))
     with Progress(console=err, transient=True) as progress:

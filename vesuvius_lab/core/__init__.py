@@ -1,1 +1,16 @@
-"""The core: everything a plugin plugs into. No model zoo lives here."""
+"""The core: everything a plugin plugs into. No model zoo lives here.
+
+One package per stage of the pipeline, lowest first; a stage imports only the stages below it
+(an import-linter contract in ``pyproject.toml``, run by the test suite):
+
+- the root: ``registry`` (the plugin contract), ``errors``, ``files``, ``console``,
+  ``checkpoint`` (the checkpoint format), ``backend`` (self-training backends), ``models``
+  (the 2.5D wrapper), ``windows`` (the windows a network takes, for plugins' checks);
+- ``config``: the spec, experiment loading, project settings, sweeps;
+- ``data``: the dataset, TIFF I/O, folds, synthetic scrolls, patch sampling, label damage;
+- ``metric``: the competition score;
+- ``runs``: run folders and their records;
+- ``inference``: sliding windows, opening any run, post-processing, ensembles;
+- ``training``: the trainer, validation, building ensemble runs;
+- ``launch`` and ``reports``: batches of runs; the leaderboard, compare and pictures.
+"""

@@ -20,7 +20,7 @@ import numpy as np
 class TrainJob:
     """Everything a self-training backend needs to train one fold of one experiment."""
 
-    spec: Any  # the resolved vesuvius_lab.core.spec.Experiment
+    spec: Any  # the resolved vesuvius_lab.core.config.spec.Experiment
     data_root: Path  # competition layout: train_images/, train_labels/, train.csv
     train_ids: list[str]
     val_ids: list[str]
@@ -43,3 +43,11 @@ class SelfTrainingModel(Protocol):
 
     def predict_probabilities(self, volume: np.ndarray) -> np.ndarray:
         """Surface probability per voxel, float32 (D, H, W), for a uint8 volume (D, H, W)."""
+
+
+#: Optional, beside the three methods: a backend may have a ``components`` attribute, a dict naming
+#: what it used in place of the experiment's components, with keys among ``"loss"`` and ``"blend"``
+#: (e.g. ``{"loss": "nnU-Net nnUNetTrainer (its own)"}``). The run's summary records it and the
+#: leaderboard, ``vlab compare`` and run reports show it instead of the ``[[loss]]`` or blender the
+#: backend never used. It is not part of the protocol, so backends without it still qualify.
+COMPONENT_KEYS = ("loss", "blend")

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vesuvius_lab.core.corruption import CorruptionParams, punch_holes
+from vesuvius_lab.core.data.corruption import CorruptionParams, punch_holes
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.postprocess import is_probabilities, to_mask
+from vesuvius_lab.core.inference.postprocess import is_probabilities, to_mask
+from vesuvius_lab.core.inference.stitch_merge import MergeRule, merge_stitched
 from vesuvius_lab.core.registry import plugin
-from vesuvius_lab.core.stitch_merge import MergeRule, merge_stitched
 
 if TYPE_CHECKING:
     import torch
@@ -353,7 +353,7 @@ class HoleStitchingParams(_Params):
 def _checkpoint_path(params: HoleStitchingParams, runs_dir: Path | None) -> Path:
     if params.checkpoint is not None:
         return params.checkpoint
-    from vesuvius_lab.core.run_records import resolve_run
+    from vesuvius_lab.core.runs.records import resolve_run
 
     return resolve_run(params.run, Path(runs_dir or "runs")).checkpoints / "best.pt"
 
@@ -372,7 +372,7 @@ def hole_stitching_unet(params: HoleStitchingParams, *, device: Any = "cpu", run
     """Close holes in sheets with a trained 3D UNet applied in Gaussian-blended sliding windows."""
     import torch
 
-    from vesuvius_lab.core.inference import sliding_window
+    from vesuvius_lab.core.inference.engine import sliding_window
 
     device = _device(device)
     model, network, trained_window = load_stitcher(_checkpoint_path(params, runs_dir), device)

@@ -18,7 +18,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vesuvius_lab.core.postprocess import is_probabilities, to_mask
+from vesuvius_lab.core.inference.postprocess import is_probabilities, to_mask
 from vesuvius_lab.core.registry import plugin
 
 Volume = np.ndarray

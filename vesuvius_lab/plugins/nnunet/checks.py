@@ -90,8 +90,8 @@ def _lowres_problems(params: NnUNetParams, spec: Any) -> Iterator[tuple[str, str
 
 
 def _data_root(spec: Any) -> Path | None:
+    from vesuvius_lab.core.config.project import load_project
     from vesuvius_lab.core.errors import UserError
-    from vesuvius_lab.core.project import load_project
 
     try:
         return Path(load_project().resolve(spec).data.root)

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vesuvius_lab.core.data.tiff import read_volume
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.files import write_json_atomic
-from vesuvius_lab.core.tiff import read_volume
 from vesuvius_lab.plugins.nnunet.content_hash import DigestMemo, dataset_key
 
 #: Bump when the converted layout changes, so that old cached datasets are not reused.

@@ -21,10 +21,8 @@ from vesuvius_lab.plugins.nnunet.conversion import LABELS, convert_dataset
 from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ
 from vesuvius_lab.plugins.nnunet.params import NnUNetParams
 from vesuvius_lab.plugins.nnunet.planning import ensure_plans, ensure_preprocessed, require_configuration
-from vesuvius_lab.plugins.nnunet.prediction import (NnUNetPredictorRunner, PredictionSettings,
-                                                    prediction_settings)
-from vesuvius_lab.plugins.nnunet.run_folder import (backend_folder, prepare_preprocessed_view, read_record,
-                                                    write_record)
+from vesuvius_lab.plugins.nnunet.prediction import NnUNetPredictorRunner, PredictionSettings, prediction_settings
+from vesuvius_lab.plugins.nnunet.run_folder import backend_folder, prepare_preprocessed_view, read_record, write_record
 from vesuvius_lab.plugins.nnunet.shrink import apply_shrink, flatten_configuration
 from vesuvius_lab.plugins.nnunet.training import TrainingSetup, results_folder, train
 
@@ -43,6 +41,13 @@ class NnUNetModel:
         self.inference = inference  # [inference] of the experiment; None: use the settings saved at training
         self.parameters_count: int | None = None
         self._runner: NnUNetPredictorRunner | None = None
+
+    @property
+    def components(self) -> dict[str, str]:
+        """What nnU-Net uses in place of the experiment's ``[[loss]]`` and blender: its trainer's own loss
+        (Dice + cross-entropy with deep supervision for nnU-Net's trainers) and its own window blending."""
+        blend = "gaussian" if self.inference is None else self.inference.blend.plugin
+        return {"loss": f"nnU-Net {self.params.trainer} (its own)", "blend": f"nnU-Net {blend}"}
 
     # ------------------------------------------------------------------ training
 

@@ -43,8 +43,8 @@ def read_json(path: Path) -> dict | None:
 def ensure_plans(dataset: RawDataset, preprocessed_root: Path, planner: str, gpu_memory_gb: float | None,
                  workers: int, log: Callable[[str], None] = print) -> dict:
     """Fingerprint and plan ``dataset`` unless done before; return the plans."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset, plan_experiment_dataset)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset)
 
     folder = Path(preprocessed_root) / dataset.name
     if read_json(folder / "dataset_fingerprint.json") is None:

@@ -1,0 +1,110 @@
+"""The house's structure: stage packages in layers, no import circle, the public import paths."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_import_linter_contracts_pass():
+    """pyproject.toml's contracts: stages import only lower stages; the root and core import no plugin."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def _cycles(graph: grimp.ImportGraph, modules: set[str]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), i.e. import circles."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in graph.find_modules_directly_imported_by(module) & modules:
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for module in sorted(modules):
+        if module not in index:
+            visit(module)
+    return groups
+
+
+def test_core_has_no_import_circle():
+    graph = grimp.build_graph("vesuvius_lab", cache_dir=None)  # a fresh graph: never a stale cache
+    # A package imports its own modules to re-export names; that is not a circle between modules.
+    modules = {m for m in graph.modules if m.startswith("vesuvius_lab.core.")}
+    packages = {m for m in modules if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    assert _cycles(graph, modules - packages) == []
+
+
+def test_the_contract_sees_a_lower_stage_importing_a_higher_one(tmp_path):
+    """The layers contract is not vacuous: a copy of the package with one upward import breaks it."""
+    import shutil
+
+    copy = tmp_path / "vesuvius_lab"
+    shutil.copytree(ROOT / "vesuvius_lab", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    metric = copy / "core" / "metric" / "voi.py"
+    metric.write_text(metric.read_text() + "\n\ndef _upward():\n    from vesuvius_lab.core.training import trainer\n")
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "vesuvius_lab.core.metric.voi -> vesuvius_lab.core.training.trainer" in result.stdout
+
+
+@pytest.mark.parametrize("path", [
+    "vesuvius_lab.core.metric.score_volume",
+    "vesuvius_lab.core.metric.mean_scores",
+    "vesuvius_lab.core.inference.sliding_window",
+    "vesuvius_lab.core.inference.predict_volume",
+    "vesuvius_lab.core.inference.load_run",
+    "vesuvius_lab.core.registry.build",
+    "vesuvius_lab.core.registry.plugin",
+    "vesuvius_lab.core.registry.Plugin",
+    "vesuvius_lab.core.backend.SelfTrainingModel",
+    "vesuvius_lab.core.backend.TrainJob",
+    "vesuvius_lab.core.models.Depth2D",
+    "vesuvius_lab.core.data.corruption.punch_holes",
+    "vesuvius_lab.core.inference.stitch_merge.merge_stitched",
+    "vesuvius_lab.core.inference.postprocess.to_mask",
+    "vesuvius_lab.core.windows.window_problems",
+    "vesuvius_lab.core.config.spec.Experiment",
+])
+def test_public_import_paths(path):
+    module, _, name = path.rpartition(".")
+    assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_every_core_module_is_in_a_stage_or_the_root():
+    root = {"__init__", "registry", "errors", "files", "console", "checkpoint", "backend", "models", "windows"}
+    stages = {"config", "data", "metric", "runs", "inference", "training", "launch", "reports"}
+    core = ROOT / "vesuvius_lab" / "core"
+    assert {p.stem for p in core.glob("*.py")} == root
+    assert {p.name for p in core.iterdir() if p.is_dir() and p.name != "__pycache__"} == stages
+    for stage in stages:
+        doc = importlib.import_module(f"vesuvius_lab.core.{stage}").__doc__
+        assert doc and "May import" in doc, stage

@@ -1,0 +1,9 @@
+"""Configuration: what an experiment is, before anything runs.
+
+The typed spec of experiment files and ``vesuvius.toml`` (pydantic, unknown keys forbidden),
+loading an experiment (``extends`` chains, ``--set`` overrides, every problem reported with its
+file, line and key path), the TOML key positions behind those line numbers, the project settings
+and their precedence, and ``[sweep]`` grids expanded into experiments.
+
+May import: the root of core (registry, errors, files, console) only.
+"""

@@ -1,0 +1,99 @@
+"""``vesuvius.toml``: finding it, reading it, and the precedence of settings.
+
+Precedence, highest first: command-line options, the environment (``VLAB_DATA``, ``VLAB_RUNS``),
+the experiment file, ``vesuvius.toml``, built-in defaults. Relative paths in ``vesuvius.toml``
+and in experiment files' ``data.root`` are relative to the project folder (the one holding
+``vesuvius.toml``, or the working directory when there is none).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from vesuvius_lab.core.config.spec import Experiment, ProjectSettings
+from vesuvius_lab.core.errors import UserError
+
+PROJECT_FILE = "vesuvius.toml"
+
+
+@dataclass(frozen=True)
+class Project:
+    """Project settings with absolute paths, and the folder they are relative to."""
+
+    root: Path
+    file: Path | None
+    settings: ProjectSettings
+
+    @property
+    def data_root(self) -> Path:
+        return self.absolute(Path(os.environ.get("VLAB_DATA") or self.settings.data_root))
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.absolute(Path(os.environ.get("VLAB_RUNS") or self.settings.runs_dir))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.absolute(self.settings.cache_dir) if self.settings.cache_dir else self.runs_dir / ".cache"
+
+    def absolute(self, path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else (self.root / path).resolve()
+
+    def resolve(self, exp: Experiment) -> Experiment:
+        """Fill the experiment's unset fields from the project, honouring the precedence above."""
+        env_data = os.environ.get("VLAB_DATA")
+        data_root = self.absolute(Path(env_data) if env_data else exp.data.root or self.settings.data_root)
+        data = exp.data.model_copy(update={"root": data_root, "folds": exp.data.folds or self.settings.folds})
+        train = exp.train.model_copy(update={
+            "seed": self.settings.seed if exp.train.seed is None else exp.train.seed,
+            "workers": self.settings.workers if exp.train.workers is None else exp.train.workers,
+        })
+        return exp.model_copy(update={"data": data, "train": train})
+
+    def with_overrides(self, *, data: str | None = None, runs: str | None = None,
+                       device: str | None = None) -> "Project":
+        """Apply command-line options; they beat the environment, so they are written into it."""
+        if data:
+            os.environ["VLAB_DATA"] = str(Path(data).resolve())
+        if runs:
+            os.environ["VLAB_RUNS"] = str(Path(runs).resolve())
+        settings = self.settings.model_copy(update={"device": device}) if device else self.settings
+        return Project(self.root, self.file, settings)
+
+
+def find_project_file(start: Path | None = None) -> Path | None:
+    """The nearest ``vesuvius.toml`` in ``start`` or any folder above it."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / PROJECT_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_project(path: Path | None = None) -> Project:
+    """Read ``path`` (or the nearest ``vesuvius.toml``); defaults when there is none."""
+    path = path or find_project_file()
+    if path is None:
+        return Project(Path.cwd().resolve(), None, ProjectSettings())
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: project file not found. Pass an existing file to --project, "
+                        f"or drop the option to use the nearest {PROJECT_FILE}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: TOML syntax error: {exc}. Fix the file and run again.") from None
+    try:
+        settings = ProjectSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"{path}: invalid project settings: {problems}. Allowed keys: "
+                        f"{', '.join(ProjectSettings.model_fields)}.") from None
+    return Project(path.parent, path, settings)

@@ -1,0 +1,294 @@
+"""Typed models of ``vesuvius.toml`` (project defaults) and of an experiment file.
+
+Unknown keys are forbidden at every level, so a typo is an error rather than a silently ignored
+setting. A plugin's ``params`` table is a plain dict here; the plugin's own ``Params`` model
+validates it once the name is resolved (see :mod:`vesuvius_lab.core.config.experiment`).
+Fields left ``None`` are filled from the project settings when the spec is resolved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+Shape3 = tuple[int, int, int]
+
+
+class CorruptionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    """How training inputs are damaged (the arguments of :func:`vesuvius_lab.core.data.corruption.punch_holes`)."""
+
+    holes: tuple[int, int] = Field((2, 5), description="Holes per 32^3 voxels (inclusive range).")
+    radius: tuple[int, int] = Field((2, 5), description="Hole radius in voxels (inclusive range).")
+    erode_probability: float = Field(0.0, ge=0, le=1, description="Chance of thinning the sheets by one voxel.")
+    dust: tuple[int, int] = Field((0, 0), description="False-positive blobs per 32^3 voxels (inclusive range).")
+    dust_radius: int = Field(1, ge=0, description="Radius of a dust blob.")
+
+    @field_validator("holes", "radius", "dust")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError("a range must be (low, high) with 0 <= low <= high")
+        return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ProjectSettings(Strict):
+    """``vesuvius.toml``: defaults shared by every experiment of a project."""
+
+    data_root: Path = Field(Path("data/synthetic"), description="Competition-layout data folder.")
+    runs_dir: Path = Field(Path("runs"), description="Where runs are recorded.")
+    cache_dir: Path | None = Field(None, description="Decoded-volume cache; default <runs_dir>/.cache.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    seed: int = Field(0, description="Default random seed.")
+    workers: int = Field(2, ge=0, description="DataLoader workers per process.")
+    folds: int = Field(5, ge=2, description="Number of cross-validation folds.")
+
+
+class PluginRef(Strict):
+    """A named plugin and its params (validated by the plugin's own Params model)."""
+
+    plugin: str = Field(description="Entry-point name of the plugin.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The plugin's parameters.")
+
+
+class LossTerm(PluginRef):
+    weight: float = Field(1.0, ge=0, description="Weight of this term in the summed loss.")
+
+
+class Augment(Strict):
+    flips: bool = Field(True, description="Random flips along each axis.")
+    rot90: bool = Field(True, description="Random 90-degree rotations in the (H, W) plane.")
+    intensity: bool = Field(True, description="Random intensity scale and shift.")
+    noise: bool = Field(True, description="Additive Gaussian noise.")
+
+
+class DataSpec(Strict):
+    root: Path | None = Field(None, description="Data folder; default the project's data_root.")
+    folds: int | None = Field(None, ge=2, description="Number of folds; default the project's.")
+    fold: int = Field(0, ge=0, description="The validation fold of this run.")
+    group_by: Literal["scroll_id", "id"] = Field("scroll_id", description="Folds never split a group.")
+    window: Shape3 = Field((16, 128, 128), description="Training patch shape (D, H, W).")
+    foreground_oversample: float = Field(0.33, ge=0, le=1, description="Share of patches centred on surface.")
+    augment: Augment = Field(default_factory=Augment)
+    ignore_label: int | None = Field(2, description="Label value excluded from losses and the metric.")
+    task: Literal["segmentation", "hole_stitching"] = Field(
+        "segmentation", description="segmentation: CT in, surface out. hole_stitching: a label with holes punched "
+                                    "into its sheets in, the label out (trains a post-processing stitcher).")
+    corruption: CorruptionParams = Field(default_factory=CorruptionParams,
+                                         description="hole_stitching: how inputs are damaged (holes, radius, dust...).")
+
+    @field_validator("window")
+    @classmethod
+    def _positive(cls, window: Shape3) -> Shape3:
+        if min(window) < 1:
+            raise ValueError("every side of the window must be at least 1")
+        return window
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(50, ge=1)
+    iterations_per_epoch: int = Field(250, ge=1)
+    batch_size: int = Field(2, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.99, ge=0, lt=1, description="SGD momentum (Nesterov).")
+    scheduler: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_epochs: int = Field(0, ge=0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16/fp16 on CUDA, off on CPU.")
+    grad_accum: int = Field(1, ge=1, description="Batches accumulated per optimizer step.")
+    grad_clip: float | None = Field(12.0, gt=0, description="Max gradient norm; None disables clipping.")
+    nproc: int = Field(1, ge=1, description="DDP processes on this machine.")
+    seed: int | None = Field(None, description="Default: the project's seed.")
+    workers: int | None = Field(None, ge=0, description="DataLoader workers; default the project's.")
+    validate_every: int = Field(1, ge=1, description="Validate every N epochs (and after the last).")
+
+
+TTA = Literal["flip0", "flip1", "flip2", "rot90"]
+
+
+class InferenceSpec(Strict):
+    window: Shape3 | None = Field(None, description="Sliding-window shape; default data.window.")
+    overlap: Union[float, tuple[float, float, float]] = Field(0.5, description="Fraction in [0, 1), per axis or one for all.")
+    blend: PluginRef = Field(default_factory=lambda: PluginRef(plugin="gaussian"))
+    batch_size: int = Field(4, ge=1)
+    tta: list[TTA] = Field(default_factory=list, description="Flips along axes and in-plane rot90.")
+    axes: list[Literal[0, 1, 2]] = Field(default_factory=lambda: [0], min_length=1,
+                                         description="Axes used as depth in turn, averaged (2.5D models).")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which a voxel is surface.")
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap_range(cls, overlap):
+        values = overlap if isinstance(overlap, tuple) else (overlap,)
+        if any(not 0 <= v < 1 for v in values):
+            raise ValueError("overlap must be in [0, 1)")
+        return overlap
+
+
+EXPERIMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+Combine = Literal["mean", "weighted", "logit_mean"]
+
+
+class EnsembleMember(Strict):
+    """One member of an ``[ensemble]``: a run directory, or an experiment's fold runs under runs_dir.
+
+    A plain string in ``members`` is read as ``{ run = "<string>" }``.
+    """
+
+    run: str | None = Field(None, description="A run directory: a path, or <experiment>/<run-id> in runs_dir.")
+    experiment: str | None = Field(None, pattern=EXPERIMENT_NAME,
+                                   description="An experiment name: its newest finished run of each fold.")
+    folds: Union[Literal["all"], list[Annotated[int, Field(ge=0)]]] = Field(
+        "all", description='With experiment: "all" (every fold, out-of-fold validation) or a list, e.g. [0, 2].')
+    inference: dict[str, Any] = Field(default_factory=dict, description=(
+        '[inference] keys this member predicts with, e.g. { tta = ["flip0"] }.'))
+
+    @field_validator("folds", mode="before")
+    @classmethod
+    def _one_fold(cls, folds: Any) -> Any:
+        return [folds] if isinstance(folds, int) and not isinstance(folds, bool) else folds
+
+    @field_validator("inference")
+    @classmethod
+    def _inference_keys(cls, inference: dict[str, Any]) -> dict[str, Any]:
+        InferenceSpec.model_validate(inference)  # unknown keys and bad values fail here, not at prediction
+        return inference
+
+    @model_validator(mode="after")
+    def _run_or_experiment(self) -> "EnsembleMember":
+        if (self.run is None) == (self.experiment is None):
+            raise ValueError('give either run = "<run directory>" or experiment = "<name>" (with folds)')
+        if self.run is not None and self.folds != "all":  # "all" is the default, so records round-trip
+            raise ValueError("folds goes with experiment; a run directory is one fold already")
+        if isinstance(self.folds, list) and not self.folds:
+            raise ValueError('folds lists no fold; give "all" or fold numbers such as [0, 1]')
+        return self
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: the experiment, or the run directory's experiment folder."""
+        if self.experiment is not None:
+            return self.experiment
+        path = Path(self.run)
+        return path.parent.name or path.name
+
+
+def _string_members(schema: dict) -> None:
+    """In the JSON schema, a member may also be a plain string (read as a run directory)."""
+    schema["items"] = {"anyOf": [{"type": "string"}, schema["items"]]}
+
+
+class EnsembleSpec(Strict):
+    """``[ensemble]``: combine the surface probabilities of trained runs; see :mod:`vesuvius_lab.core.inference.ensemble`."""
+
+    members: list[EnsembleMember] = Field(min_length=1, json_schema_extra=_string_members, description=(
+        'Run directories ("runs/x/fold0-...") or tables { experiment = "name", folds = "all" }.'))
+    weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="One positive weight per member (combine = weighted or logit_mean).")
+    combine: Combine = Field("mean", description=(
+        "mean of probabilities, weighted mean of probabilities, or logit_mean (mean of logits, then sigmoid)."))
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _paths_as_tables(cls, members: Any) -> Any:
+        return [{"run": m} if isinstance(m, str) else m for m in members] if isinstance(members, list) else members
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> "EnsembleSpec":
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ValueError(f"weights has {len(self.weights)} values for {len(self.members)} members; give one "
+                             "per member, in the same order")
+        if self.combine == "weighted" and self.weights is None:
+            raise ValueError('combine = "weighted" needs weights, one per member')
+        if self.combine == "mean" and self.weights is not None:
+            raise ValueError('combine = "mean" ignores weights; set combine = "weighted" (or "logit_mean"), '
+                             "or remove weights")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model column of the leaderboard, e.g. ``ensemble(unet25d+monai-unet)``."""
+        return ensemble_label(self.members)
+
+
+def ensemble_label(members: list[EnsembleMember]) -> str:
+    return f"ensemble({'+'.join(member.label for member in members)})"
+
+
+def ensemble_column(table: Any) -> str:
+    """The leaderboard's model column for a recorded ``ensemble`` table; tolerant of a damaged record."""
+    try:
+        return EnsembleSpec.model_validate(table).label
+    except ValueError:
+        return "ensemble(?)"
+
+
+def _default_losses() -> list[LossTerm]:
+    return [LossTerm(plugin="dice", weight=0.5), LossTerm(plugin="bce", weight=0.5)]
+
+
+class Experiment(Strict):
+    """One experiment file (after ``extends`` are merged)."""
+
+    # Editors validating against `vlab schema` need exactly one of [model] and [ensemble] too.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["model"]}, {"required": ["ensemble"]}]})
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,
+                      description="Run folder name: letters, digits, '.', '_' and '-'.")
+    description: str = ""
+    extends: Union[str, list[str], None] = Field(None, description="Parent file(s), relative to this file.")
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: PluginRef | None = Field(None, description="The network (a models plugin); give [model] or [ensemble].")
+    ensemble: EnsembleSpec | None = Field(None, description="Combine trained runs instead of training "
+                                                            "(`vlab ensemble`).")
+    loss: list[LossTerm] = Field(default_factory=_default_losses, min_length=1)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    postprocess: list[PluginRef] = Field(default_factory=list)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description='A grid of runs: key path -> values, e.g. "model.params.encoder" = ["resnet18", "resnet34"]. '
+                    "`vlab run` trains one experiment per combination, each validated like --set KEY=VALUE.")
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _dotted_sweep_keys(cls, sweep: Any) -> Any:
+        """Accept unquoted dotted keys too: TOML reads `a.b = [..]` as nested tables."""
+        def flatten(table: dict, prefix: str = "") -> dict:
+            flat = {}
+            for key, value in table.items():
+                path = f"{prefix}{key}"
+                flat.update(flatten(value, path + ".") if isinstance(value, dict) else {path: value})
+            return flat
+
+        return flatten(sweep) if isinstance(sweep, dict) else sweep
+
+    @field_validator("ensemble")
+    @classmethod
+    def _model_or_ensemble(cls, ensemble: EnsembleSpec | None, info: ValidationInfo) -> EnsembleSpec | None:
+        """Exactly one of the two; checked on `ensemble` (after `model`) so the error points at the file's table."""
+        if "model" not in info.data:
+            return ensemble  # [model] itself is invalid and reported already
+        if info.data["model"] is None and ensemble is None:
+            raise ValueError("give a [model] table (an experiment to train) or an [ensemble] table (trained runs "
+                             "to combine)")
+        if info.data["model"] is not None and ensemble is not None:
+            raise ValueError("give either [model] or [ensemble], not both; an ensemble file must not extend a "
+                             "file with a [model] table (copy the [inference] and [[postprocess]] it needs)")
+        return ensemble
+
+    @property
+    def model_label(self) -> str:
+        """The model plugin's name, or ``ensemble(a+b)`` for an ensemble."""
+        return self.model.plugin if self.model is not None else self.ensemble.label
+
+    @property
+    def inference_window(self) -> Shape3:
+        return self.inference.window or self.data.window
