@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,41 @@ def test_every_core_module_is_in_a_stage_or_the_root():
     for stage in stages:
         doc = importlib.import_module(f"vesuvius_lab.core.{stage}").__doc__
         assert doc and "May import" in doc, stage
+
+
+def _documented_paths() -> set[str]:
+    """Every ``vesuvius_lab.core...`` name and ``from vesuvius_lab.core... import a, b`` that the README, the
+    docs and the example plugin package show."""
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "examples").rglob("*.md"),
+             *(ROOT / "examples").rglob("*.py")]
+    found = set()
+    for page in pages:
+        text = page.read_text()
+        for module, names in re.findall(r"from (vesuvius_lab\.core[\w.]*) import ([\w, ]+)", text):
+            found.update(f"{module}.{name.strip()}" for name in names.split(",") if name.strip())
+        found.update(path.rstrip(".") for path in re.findall(r"vesuvius_lab\.core[\w.]*", text))
+    return found
+
+
+def _resolves(path: str) -> bool:
+    module, name = path, None
+    while module:
+        try:
+            imported = importlib.import_module(module)
+        except ModuleNotFoundError:
+            module, _, last = module.rpartition(".")
+            name = last if name is None else f"{last}.{name}"
+            continue
+        target = imported
+        for part in (name or "").split(".") if name else []:
+            if not hasattr(target, part):
+                return False
+            target = getattr(target, part)
+        return True
+    return False
+
+
+def test_every_import_path_the_docs_show_resolves():
+    paths = _documented_paths()
+    assert "vesuvius_lab.core.metric.score_volume" in paths  # the collector reads the pages
+    assert [path for path in sorted(paths) if not _resolves(path)] == []
