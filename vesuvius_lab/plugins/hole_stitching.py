@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vesuvius_lab.core.data.corruption import CorruptionParams, punch_holes
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, brief
 from vesuvius_lab.core.inference.postprocess import is_probabilities, to_mask
 from vesuvius_lab.core.inference.stitch_merge import MergeRule, merge_stitched
 from vesuvius_lab.core.registry import plugin
@@ -275,11 +275,21 @@ def _track(items, label: str, enabled: bool):
 
 
 def _check_window(window: Sequence[int], network: StitcherNetParams) -> None:
+    problem = stitcher_window_problem(window, network)
+    if problem:
+        raise UserError(f"The hole stitcher's window {tuple(window)} {problem}")
+
+
+def stitcher_window_problem(window: Sequence[int], network: StitcherNetParams) -> str | None:
+    """What is wrong with ``window`` for ``network`` (a sentence following "the window ..."), or None."""
     multiple = network.window_multiple
     if len(window) != 3 or any(side < multiple or side % multiple for side in window):
-        raise UserError(f"The hole stitcher's window {tuple(window)} does not fit its network: with "
-                        f"{len(network.channels)} levels every side must be a multiple of {multiple}. "
-                        f"Choose e.g. {tuple(max(multiple, s // multiple * multiple) for s in window)}.")
+        return (f"does not fit its network: with {len(network.channels)} levels every side must be a multiple "
+                f"of {multiple}. Choose e.g. {tuple(max(multiple, s // multiple * multiple) for s in window)}.")
+    if all(side == multiple for side in window):
+        return (f"shrinks to a single voxel at the bottom of its {len(network.channels)}-level UNet, where its "
+                f"instance norm fails. Make one side {2 * multiple} or more.")
+    return None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -298,6 +308,18 @@ def save_stitcher(path: Path, state_dict: dict, network: StitcherNetParams, wind
 
 def load_stitcher(path: Path, device: Any = "cpu") -> tuple["torch.nn.Module", StitcherNetParams, Shape3 | None]:
     """(network in eval mode, its params, its training window or None) from a stitcher or run checkpoint."""
+    weights, network, window = read_stitcher_checkpoint(path)
+    try:
+        model = build_stitcher_network(network)
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: these weights are not a hole-stitcher network "
+                        f"({brief(exc)}). Point the plugin at a stitcher's checkpoint.") from None
+    return model.to(device).eval(), network, window
+
+
+def read_stitcher_checkpoint(path: Path) -> tuple[dict, StitcherNetParams, Shape3 | None]:
+    """(state dict, network params, training window or None) of a stitcher or run checkpoint; builds nothing."""
     import torch
     from pydantic import ValidationError
 
@@ -309,7 +331,7 @@ def load_stitcher(path: Path, device: Any = "cpu") -> tuple["torch.nn.Module", S
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UserError(f"{path}: cannot read this checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Train the stitcher again.") from None
+                        f"{brief(exc)}). Train the stitcher again.") from None
     if isinstance(state, dict) and "state_dict" in state:
         weights, params, window = state["state_dict"], state.get("params", {}), state.get("window")
     elif isinstance(state, dict) and "model" in state:
@@ -318,12 +340,14 @@ def load_stitcher(path: Path, device: Any = "cpu") -> tuple["torch.nn.Module", S
         raise UserError(f"{path}: not a hole-stitcher checkpoint (it has neither 'state_dict' nor 'model').")
     try:
         network = StitcherNetParams.model_validate(params)
-        model = build_stitcher_network(network)
-        model.load_state_dict(weights)
-    except (ValidationError, RuntimeError) as exc:
+    except ValidationError as exc:
         raise UserError(f"{path}: these weights are not a hole-stitcher network "
-                        f"({str(exc).splitlines()[0]}). Point the plugin at a stitcher's checkpoint.") from None
-    return model.to(device).eval(), network, tuple(window) if window else None
+                        f"({brief(exc)}). Point the plugin at a stitcher's checkpoint.") from None
+    try:
+        window = tuple(int(s) for s in window) if window else None
+    except (TypeError, ValueError):  # a damaged record: the default window is used
+        window = None
+    return weights, network, window
 
 
 # --------------------------------------------------------------------------- the plugin
@@ -343,10 +367,20 @@ class HoleStitchingParams(_Params):
                                 "stitched mask alone.")
     max_distance: int = Field(8, ge=1, description="near: how far (6-connected steps) from the input a voxel may be added.")
 
+    @field_validator("window")
+    @classmethod
+    def _positive_window(cls, window: Shape3 | None) -> Shape3 | None:
+        if window is not None and min(window) < 1:
+            raise ValueError(f"every side of the window must be at least 1, got {list(window)}")
+        return window
+
     @model_validator(mode="after")
     def _one_source(self) -> "HoleStitchingParams":
         if (self.checkpoint is None) == (self.run is None):
             raise ValueError("give exactly one of checkpoint (a file) or run (a run folder)")
+        if "max_distance" in self.model_fields_set and self.merge != "near":
+            raise ValueError(f'max_distance applies only to merge = "near" (merge is "{self.merge}"); '
+                             'remove max_distance or set merge = "near"')
         return self
 
 
@@ -366,7 +400,67 @@ def _device(device: Any) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@plugin(HoleStitchingParams)
+def check_hole_stitching(params: HoleStitchingParams, spec: Any):
+    """The checkpoint file (or the run, when it exists already) must hold a hole stitcher whose network
+    takes the window. A ``run`` that does not exist yet passes: an earlier experiment of the same
+    ``vlab run`` may train it, and ``vlab train`` refuses a missing one before it starts."""
+    source = "checkpoint" if params.checkpoint is not None else "run"
+    if params.checkpoint is not None:
+        if not params.checkpoint.is_file():
+            yield "checkpoint", (f'no file "{params.checkpoint}" (relative paths are relative to the working '
+                                 "directory). Give the file fit_hole_stitcher wrote, or use run = an experiment "
+                                 "name or run folder.")
+            return
+        try:
+            _, network, trained_window = read_stitcher_checkpoint(params.checkpoint)
+        except UserError as exc:
+            yield "checkpoint", str(exc)
+            return
+    else:
+        found = _existing_run_network(params.run)
+        if found is None:
+            return
+        network, problem = found
+        if problem:
+            yield "run", problem
+            return
+        trained_window = None
+    window = params.window or trained_window or DEFAULT_WINDOW
+    problem = stitcher_window_problem(window, network)
+    if problem:
+        where = f"window = {list(window)}" if params.window else f"the default window {list(window)} (set window)"
+        yield ("window" if params.window else source), f"{where} {problem}"
+
+
+def _existing_run_network(run: str) -> tuple[StitcherNetParams | None, str | None] | None:
+    """(network, None) or (None, problem) for a run that resolves now; None when there is none (yet)."""
+    from pydantic import ValidationError
+
+    from vesuvius_lab.core.config.project import load_project
+    from vesuvius_lab.core.runs.records import resolve_run
+
+    try:
+        found = resolve_run(run, load_project().runs_dir)
+    except (UserError, OSError):
+        return None
+    record = found.read("spec.json") or {}
+    if "model" not in record:
+        return None  # an old or partial record: its checkpoint says what it holds, and the build reports it
+    model = record["model"] if isinstance(record["model"], dict) else {}
+    if model.get("plugin") != "hole_stitcher_unet":
+        what = f'model "{model["plugin"]}"' if model.get("plugin") else "an ensemble"
+        return None, (f'"{run}" is a run of {what}, not of hole_stitcher_unet ({found.path}). Name a run of a '
+                      'hole-stitcher experiment ([model] plugin = "hole_stitcher_unet").')
+    if not (found.checkpoints / "best.pt").is_file():
+        return None, (f'the run "{run}" ({found.path}) has no checkpoints/best.pt yet. Let it finish, or name '
+                      "another run.")
+    try:
+        return StitcherNetParams.model_validate(model.get("params") or {}), None
+    except ValidationError:
+        return None  # its checkpoint says what it holds; the build reports it
+
+
+@plugin(HoleStitchingParams, check=check_hole_stitching)
 def hole_stitching_unet(params: HoleStitchingParams, *, device: Any = "cpu", runs_dir: Path | None = None,
                         threshold: float = 0.5, **context):
     """Close holes in sheets with a trained 3D UNet applied in Gaussian-blended sliding windows."""
@@ -406,6 +500,11 @@ def _check_stitcher_windows(params: StitcherNetParams, spec: Any):
     multiple = params.window_multiple
     for message in window_problems(spec_windows(spec), (multiple,) * 3, network=f"a UNet of {len(params.channels)} levels"):
         yield "", message
+    for key, window in spec_windows(spec).items():
+        if all(side == multiple for side in window):
+            yield "channels", (f"{key} = {list(window)} shrinks to a single voxel at the bottom of this "
+                               f"{len(params.channels)}-level UNet, where its instance norm fails. Make one side "
+                               f"{2 * multiple} or more, or use one level fewer.")
     if params.in_channels != 1:
         yield "in_channels", "vlab train feeds the stitcher the damaged mask alone: use in_channels = 1."
     if spec.data.task != "hole_stitching":
@@ -427,7 +526,16 @@ class StitchLossParams(_Params):
                                                          "learns to copy its input.")
 
 
-@plugin(StitchLossParams)
+def check_stitch_loss(params: StitchLossParams, spec: Any):
+    """damage_weight compares the network's input mask with the label: only the hole-stitching task has one."""
+    if params.damage_weight and spec.data.task != "hole_stitching":
+        yield "damage_weight", (f'[data] task = "{spec.data.task}": damage_weight weights the voxels where the '
+                                "network's input differs from the label, which means something only when the "
+                                'input is a damaged label (task = "hole_stitching"). Set damage_weight = 0 or '
+                                'task = "hole_stitching".')
+
+
+@plugin(StitchLossParams, check=check_stitch_loss)
 def stitch(params: StitchLossParams, **context):
     """L1 reconstruction plus a gradient-matching term (the hole stitcher's loss), ignore-masked."""
 

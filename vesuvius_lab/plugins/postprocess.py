@@ -100,6 +100,8 @@ class ThresholdParams(_Params):
             raise ValueError("give either value, or low and high (hysteresis), not both")
         if self.low is not None and self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if "connectivity" in self.model_fields_set and self.low is None:
+            raise ValueError("connectivity applies only to hysteresis (low and high); remove it or give low and high")
         return self
 
 
@@ -167,6 +169,24 @@ class FillHolesParams(_Params):
     max_hole_voxels: int | None = Field(
         None, ge=1, description="3d/slices modes: fill only holes up to this many voxels (per slice in slices "
                                 "mode); None fills every hole.")
+
+    @model_validator(mode="after")
+    def _keys_of_the_mode(self) -> "FillHolesParams":
+        """A key another mode reads would be silently ignored: refuse it."""
+        ignored = [key for key, modes in MODE_KEYS.items()
+                   if key in self.model_fields_set and self.mode not in modes
+                   and not (key == "max_hole_voxels" and self.max_hole_voxels is None)]
+        if ignored:
+            uses = "; ".join(f"{key} applies to mode = " + " or ".join(f'"{m}"' for m in MODE_KEYS[key])
+                             for key in ignored)
+            raise ValueError(f'mode = "{self.mode}" ignores {", ".join(ignored)} ({uses}); remove '
+                             f"{'it' if len(ignored) == 1 else 'them'} or change mode")
+        return self
+
+
+#: The fill_holes keys that only some modes read.
+MODE_KEYS = {"axis": ("slices",), "radius": ("closing",), "element": ("closing",),
+             "max_hole_voxels": ("3d", "slices")}
 
 
 def _small_holes(mask: np.ndarray, filled: np.ndarray, max_voxels: int | None) -> np.ndarray:

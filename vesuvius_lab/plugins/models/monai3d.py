@@ -21,6 +21,13 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _at_least(minimum: int, values: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """``values`` unchanged, or a ValueError when an entry is below ``minimum``."""
+    if min(values, default=minimum) < minimum:
+        raise ValueError(f"every entry is {what}, so at least {minimum}; got {list(values)}")
+    return values
+
+
 def _window_messages(spec: Any, multiples, minimums=(1, 1, 1), network: str = "this network") -> Iterator[tuple[str, str]]:
     for message in window_problems(spec_windows(spec), multiples, minimums, network):
         yield "", message
@@ -54,8 +61,9 @@ SWIN_MULTIPLE, SWIN_MINIMUM = 32, 64
 
 class SwinUNETRParams(_Params):
     feature_size: int = Field(24, ge=12, description="Embedding width of the first stage; a multiple of 12.")
-    depths: tuple[int, int, int, int] = Field((2, 2, 2, 2), description="Swin blocks in each of the 4 stages.")
-    num_heads: tuple[int, int, int, int] = Field((3, 6, 12, 24), description="Attention heads in each stage.")
+    depths: tuple[int, int, int, int] = Field((2, 2, 2, 2), description="Swin blocks in each of the 4 stages (each >= 1).")
+    num_heads: tuple[int, int, int, int] = Field(
+        (3, 6, 12, 24), description="Attention heads in each stage; each divides its stage's width.")
     drop_rate: float = Field(0.0, ge=0, lt=1, description="Dropout rate.")
     attn_drop_rate: float = Field(0.0, ge=0, lt=1, description="Attention dropout rate.")
     dropout_path_rate: float = Field(0.0, ge=0, lt=1, description="Stochastic depth rate.")
@@ -71,6 +79,12 @@ class SwinUNETRParams(_Params):
             raise ValueError(f"feature_size must be a multiple of 12 (MONAI's SwinUNETR requires it); "
                              f"try {lower or upper} or {upper}")
         return value
+
+    @field_validator("depths", "num_heads")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...], info) -> tuple[int, ...]:
+        what = "a count of Swin blocks" if info.field_name == "depths" else "a count of attention heads"
+        return _at_least(1, value, what)
 
     @model_validator(mode="after")
     def _heads_divide_widths(self):
@@ -117,6 +131,11 @@ class UNetParams(_Params):
     norm: Literal["instance", "batch"] = Field("instance", description="Normalisation layer.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout rate.")
 
+    @field_validator("channels")
+    @classmethod
+    def _positive_channels(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return _at_least(1, value, "a feature count")
+
     @model_validator(mode="after")
     def _one_stride_per_step(self):
         if len(self.strides) != len(self.channels) - 1:
@@ -137,7 +156,7 @@ def _per_axis(stride: Stride) -> tuple[int, int, int]:
 
 
 def check_unet(params: UNetParams, spec: Any) -> Iterator[tuple[str, str]]:
-    """Each side a multiple of its axis's stride product; with instance norm, a bottleneck > 1 voxel."""
+    """Each side a multiple of its axis's stride product; a bottleneck > 1 voxel where the norm needs it."""
     multiples = params.multiples
     yield from _window_messages(spec, multiples, network=f"this UNet (strides {list(params.strides)})")
     if params.norm == "instance":
@@ -146,6 +165,11 @@ def check_unet(params: UNetParams, spec: Any) -> Iterator[tuple[str, str]]:
                 yield "strides", (f"{key} = {list(window)} shrinks to a single voxel at the bottom of this UNet, "
                                   "where instance norm fails during training. Use a window twice as large "
                                   "on one axis, one stride fewer, or norm = \"batch\".")
+    elif tuple(spec.data.window) == multiples and spec.train.batch_size == 1:
+        yield "norm", (f"data.window = {list(spec.data.window)} shrinks to a single voxel at the bottom of this "
+                       "UNet and [train] batch_size = 1, so batch norm sees one value per channel there and fails "
+                       "at the first training step. Raise batch_size, use a window twice as large on one axis, "
+                       "or one stride fewer.")
 
 
 @plugin(UNetParams, check=check_unet)
@@ -182,6 +206,11 @@ class SegResNetParams(_Params):
             raise ValueError(f"init_filters must be a multiple of 8 (its group norm uses 8 groups); "
                              f"try {value // 8 * 8 or 8}")
         return value
+
+    @field_validator("blocks_down", "blocks_up")
+    @classmethod
+    def _block_counts(cls, value: tuple[int, ...], info) -> tuple[int, ...]:
+        return _at_least(0, value, "a count of residual blocks")
 
     @model_validator(mode="after")
     def _decoder_matches_encoder(self):

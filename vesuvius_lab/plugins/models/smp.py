@@ -45,6 +45,13 @@ class SmpParams(BaseModel):
                 "Save the encoder's state dict to a file once and give its path, or leave encoder_weights unset.")
         return value
 
+    @field_validator("decoder_channels")
+    @classmethod
+    def _positive_widths(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is not None and min(value, default=1) < 1:
+            raise ValueError(f"every decoder width must be at least 1, got {list(value)}")
+        return value
+
     @model_validator(mode="after")
     def _decoder_matches_encoder(self):
         if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
@@ -61,8 +68,16 @@ class SmpParams(BaseModel):
 SCSE_REDUCTION = 16
 
 
-def check_smp(params: SmpParams, spec: Any) -> Iterator[tuple[str, str]]:
-    """The slice count must match both windows; H and W must survive the encoder's downsampling."""
+def check_smp(params: SmpParams, spec: Any, architecture: str = "Unet") -> Iterator[tuple[str, str]]:
+    """The encoder must exist (and fit the architecture and encoder_depth); the slice count must match
+    both windows; H and W must survive the encoder's downsampling."""
+    try:
+        problem = encoder_problem(params.encoder, architecture, params.encoder_depth)
+    except ImportError as exc:
+        problem = (f"segmentation-models-pytorch cannot be imported ({exc}), so no encoder can be built. "
+                   "Reinstall it (pip install segmentation-models-pytorch).")
+    if problem:
+        yield "encoder", problem
     train_depth = spec.data.window[0]
     if params.depth is not None and params.depth != train_depth:
         yield "depth", (f"depth = {params.depth} but data.window = {list(spec.data.window)} has {train_depth} "
@@ -94,7 +109,9 @@ def _build(architecture: str, params: SmpParams, window, in_channels: int, out_c
     if in_channels != 1:
         raise UserError(f"2.5D SMP models read single-channel CT windows; got in_channels={in_channels}.")
     depth = params.depth or int(window[0])
-    _check_encoder_name(params.encoder)
+    problem = encoder_problem(params.encoder, architecture, params.encoder_depth)
+    if problem:
+        raise UserError(f"model.params.encoder: {problem}")
     try:
         net = getattr(smp, architecture)(
             encoder_name=params.encoder,
@@ -150,22 +167,108 @@ def prune_unused_modules(net, example) -> list[str]:
     return unused
 
 
-def _check_encoder_name(name: str) -> None:
-    from segmentation_models_pytorch.encoders import get_encoder_names
+#: What each architecture cannot take, as SMP 0.6 refuses it: (encoder name prefix, reason).
+ARCHITECTURE_LIMITS = {
+    "UnetPlusPlus": (("mit_b", "UNet++'s nested skip paths need a stride-2 feature map, which the Mix "
+                                "Transformer (mit_b*) encoders do not have"),),
+}
+
+
+def encoder_problem(name: str, architecture: str = "Unet", encoder_depth: int = 5) -> str | None:
+    """Why segmentation-models-pytorch would refuse ``name`` as the encoder of ``architecture`` with
+    ``encoder_depth`` stages, or None. Imports SMP (and timm) but builds no network: a ``tu-`` encoder's
+    stages are read from a timm feature extractor made on the meta device, as SMP itself does."""
+    import segmentation_models_pytorch.encoders as smp_encoders
 
     from vesuvius_lab.core.registry import suggest
 
+    version = _smp_version()
+    equivalent = getattr(smp_encoders, "is_equivalent_to_timm_universal", None)
+    if name.startswith("timm-") and equivalent is not None and equivalent(name):
+        # SMP renames these deprecated names to timm universal encoders (get_encoder does the same).
+        timm_name = name.replace("timm-", "tu-")
+        name = timm_name.replace("tu-", "tu-tf_") if "mobilenetv3" in timm_name else timm_name
     if name.startswith("tu-"):
-        import timm
-
-        if timm.list_models(name[3:]):
-            return
-        raise UserError(f'model.params.encoder "{name}": timm has no model "{name[3:]}". '
-                        "See timm.list_models() for the names it knows.")
-    known = get_encoder_names()
+        return _timm_encoder_problem(name[3:], encoder_depth)
+    known = list(getattr(smp_encoders, "encoders", None) or smp_encoders.get_encoder_names())
     if name not in known:
-        raise UserError(f'model.params.encoder "{name}" is not an SMP encoder.{suggest(name, known)} '
-                        'Use one of segmentation_models_pytorch.encoders.get_encoder_names(), or "tu-<timm model>".')
+        return (f'"{name}" is not an encoder segmentation-models-pytorch {version} knows.{suggest(name, known)} '
+                "Use a name from segmentation_models_pytorch.encoders.get_encoder_names() (e.g. resnet34, "
+                'efficientnet-b0, mit_b0), or "tu-<timm model>" for a timm model.')
+    for prefix, reason in ARCHITECTURE_LIMITS.get(architecture, ()):
+        if name.startswith(prefix):
+            return (f'segmentation-models-pytorch {version} cannot build {architecture} with the encoder "{name}": '
+                    f"{reason}. Choose another encoder (e.g. resnet34) or the smp_unet25d model.")
+    return None
+
+
+def _smp_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("segmentation-models-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
+def _timm_encoder_problem(model: str, encoder_depth: int) -> str | None:
+    """Why SMP cannot use the timm model ``model`` (a "tu-" encoder without the prefix), or None."""
+    import timm
+
+    arch, _, tag = model.partition(".")
+    if not timm.is_model(model):
+        close = _suggest_encoder(arch, timm.list_models()) if arch else ""
+        return (f'timm {timm.__version__} has no model "{arch}" (encoder "tu-{model}").{close} Use '
+                '"tu-<name>" with a name from timm.list_models(), e.g. "tu-resnet34".')
+    if tag:
+        tagged = timm.list_models(f"{arch}.*", include_tags=True)
+        if model not in tagged:
+            return (f'timm {timm.__version__} has no tag "{tag}" for the model "{arch}" (encoder "tu-{model}").'
+                    f"{_suggest_encoder(model, tagged)} The tag only names pretrained "
+                    f'weights, which are never downloaded here: "tu-{arch}" builds the same network.')
+    return _timm_stage_problem(model, encoder_depth)
+
+
+def _suggest_encoder(timm_name: str, timm_names: list[str]) -> str:
+    """' Did you mean "tu-x"?' for the closest timm model name, or ''."""
+    from vesuvius_lab.core.registry import suggest
+
+    return suggest(timm_name, timm_names).replace('"', '"tu-', 1)
+
+
+def _timm_stage_problem(model: str, encoder_depth: int) -> str | None:
+    """SMP's timm encoder made on the meta device (no memory, no weights): a ValueError or IndexError
+    there is SMP refusing the model's stages (e.g. a ViT, whose feature maps all have stride 16, or
+    fewer stages than encoder_depth). When timm cannot make the model on the meta device at all, the
+    answer is not cheap, and the check is skipped (the build reports it)."""
+    import warnings
+
+    import timm
+    import torch
+    from segmentation_models_pytorch.encoders import TimmUniversalEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                timm.create_model(model, features_only=True)
+        except Exception as exc:
+            if "features_only" in str(exc):
+                return (f'the timm model "{model}" cannot give feature maps (features_only), so it cannot be '
+                        "an encoder. Choose another timm model, e.g. \"tu-resnet34\".")
+            return None
+        try:
+            with torch.device("meta"):
+                TimmUniversalEncoder(name=model, pretrained=False, in_channels=1, depth=encoder_depth)
+        except (ValueError, IndexError, RuntimeError, AssertionError) as exc:
+            if "meta" in str(exc).lower():  # a limit of the meta device, not SMP refusing the model
+                return None
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".") + "."
+            return (f'segmentation-models-pytorch cannot use the timm model "{model}" as an encoder of depth '
+                    f"{encoder_depth}: {detail} A UNet encoder needs feature maps at strides 2, 4, 8, ... (or "
+                    "4, 8, ... for transformers); choose a convolutional or hierarchical timm model (e.g. "
+                    '"tu-resnet34", "tu-convnext_tiny") or a smaller encoder_depth.')
+    return None
 
 
 def load_encoder_weights(encoder, path: str | Path, ignore: tuple[str, ...] = ()) -> None:
@@ -229,13 +332,21 @@ def _adapt_first_conv(key: str, weight, shape, path: Path):
     return (weight.sum(1, keepdim=True) / shape[1]).expand(*shape).clone()
 
 
-@plugin(SmpParams, check=check_smp)
+def check_unet25d(params: SmpParams, spec: Any) -> Iterator[tuple[str, str]]:
+    return check_smp(params, spec, "Unet")
+
+
+def check_unetpp25d(params: SmpParams, spec: Any) -> Iterator[tuple[str, str]]:
+    return check_smp(params, spec, "UnetPlusPlus")
+
+
+@plugin(SmpParams, check=check_unet25d)
 def smp_unet25d(params: SmpParams, *, window, in_channels: int = 1, out_channels: int = 1, **context):
     """2.5D UNet (segmentation-models-pytorch): the window's slices are the 2D net's channels."""
     return _build("Unet", params, window, in_channels, out_channels)
 
 
-@plugin(SmpParams, check=check_smp)
+@plugin(SmpParams, check=check_unetpp25d)
 def smp_unetpp25d(params: SmpParams, *, window, in_channels: int = 1, out_channels: int = 1, **context):
     """2.5D UNet++ (segmentation-models-pytorch): nested dense skip paths, heavier decoder."""
     return _build("UnetPlusPlus", params, window, in_channels, out_channels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: nnU-Net's planners by class name, with the plans name each one writes and its default GPU
 #: memory target in GB (the "preset"): the residual-encoder presets M, L and XL and the original
@@ -38,6 +38,13 @@ class Shrink(_Strict):
     features_per_stage: list[int] | None = Field(
         None, min_length=2, description="Feature maps per stage, one per stage, e.g. [8, 16, 32].")
     batch_size: int | None = Field(None, ge=1, description="Patches per training step (summed over DDP processes).")
+
+    @field_validator("patch_size", "features_per_stage")
+    @classmethod
+    def _positive(cls, value: list[int] | None, info) -> list[int] | None:
+        if value is not None and min(value) < 1:
+            raise ValueError(f"every entry of {info.field_name} must be at least 1, got {value}")
+        return value
 
 
 class NnUNetParams(_Strict):

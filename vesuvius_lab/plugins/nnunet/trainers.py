@@ -1,14 +1,15 @@
 """Finding nnU-Net trainer classes: statically (cheap, for ``vlab validate``) and by import (for training).
 
 A trainer is named as nnU-Net names it (a class defined under ``nnunetv2/training/nnUNetTrainer``,
-found the way ``nnUNetv2_train -tr`` finds it) or as ``package.module:Class`` for a subclass in
-the user's own code.
+or under a folder of the ``nnUNet_extTrainer`` environment variable, found the way
+``nnUNetv2_train -tr`` finds it) or as ``package.module:Class`` for a subclass in the user's own code.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 from functools import cache
 from pathlib import Path
@@ -42,8 +43,26 @@ def builtin_trainer_names() -> tuple[str, ...]:
     return tuple(sorted(builtin_trainer_modules()))
 
 
+#: nnU-Net's variable naming extra folders (os.pathsep-separated) searched for trainers by class name.
+EXTERNAL_TRAINERS_VARIABLE = "nnUNet_extTrainer"
+
+
+def external_trainer_names() -> set[str]:
+    """Class names defined in the .py files under the folders of ``nnUNet_extTrainer``, read statically."""
+    names: set[str] = set()
+    for folder in os.environ.get(EXTERNAL_TRAINERS_VARIABLE, "").split(os.pathsep):
+        if folder.strip() and Path(folder).is_dir():
+            for source in Path(folder).rglob("*.py"):
+                try:
+                    names.update(_CLASS.findall(source.read_text(errors="replace")))
+                except OSError:
+                    continue
+    return names
+
+
 def trainer_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a trainer class, or None; imports nothing heavy."""
+    """Why ``name`` cannot be a trainer class, or None. nnU-Net's own and ``nnUNet_extTrainer`` trainers
+    are found by reading sources (nothing is imported); a ``package.module:Class`` module is imported."""
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
@@ -53,17 +72,32 @@ def trainer_problem(name: str) -> str | None:
         if found is None:
             return (f'module "{module}" of trainer "{name}" cannot be found. Install the package that holds it, '
                     'or name one of nnU-Net\'s trainers, e.g. "nnUNetTrainer".')
-        if found.origin and found.origin.endswith(".py") and attr not in _CLASS.findall(
-                Path(found.origin).read_text(errors="replace")):
-            return f'module "{module}" defines no class "{attr}". Check the trainer name ("package.module:Class").'
-        return None
+        if not attr.isidentifier():
+            return (f'trainer "{name}" names no class after the colon. Write it as "package.module:Class", '
+                    'e.g. "my_package.trainers:MyTrainer".')
+        return _imported_trainer_problem(module, attr)
     known = builtin_trainer_names()
-    if name in known or not known:
+    if name in known or not known or name in external_trainer_names():
         return None
     trainers = [n for n in known if "Trainer" in n]
     return (f'nnU-Net has no trainer class "{name}".{suggest(name, trainers)} Use a class from '
-            'nnunetv2.training.nnUNetTrainer (e.g. "nnUNetTrainer", "nnUNetTrainerNoMirroring") or your own '
-            'subclass as "package.module:Class".')
+            'nnunetv2.training.nnUNetTrainer (e.g. "nnUNetTrainer", "nnUNetTrainerNoMirroring"), your own '
+            f'subclass as "package.module:Class", or a class in a folder named by {EXTERNAL_TRAINERS_VARIABLE}.')
+
+
+def _imported_trainer_problem(module: str, attr: str) -> str | None:
+    """Import the user's module (training imports it too) and look for a trainer class ``attr`` there;
+    a class merely imported into the module counts, as it does for training."""
+    try:
+        found = getattr(importlib.import_module(module), attr, None)
+    except Exception as exc:  # the user's module: any failure to import it is the problem to report
+        return (f'importing module "{module}" failed ({type(exc).__name__}: {exc}). Fix that module or name '
+                'another trainer.')
+    if found is None:
+        return f'module "{module}" has no class "{attr}". Check the trainer name ("package.module:Class").'
+    if not (isinstance(found, type) and any(base.__name__ == BASE_TRAINER for base in found.__mro__)):
+        return f'"{module}:{attr}" is not a subclass of {BASE_TRAINER}. Name an nnU-Net trainer class.'
+    return None
 
 
 def trainer_class(name: str) -> type:
