@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from vesuvius_lab.core.runs.folder import Run, find_runs
 
 #: Official scores and Betti counts of the conformance cases, and the cases' arrays.
 CONFORMANCE = Path(__file__).parent / "data" / "conformance"
@@ -70,3 +76,40 @@ def tiny_run(synth_data, tmp_path_factory) -> Path:
     (root / "vesuvius.toml").write_text(f'data_root = "{synth_data}"\nruns_dir = "runs"\ndevice = "cpu"\n')
     project = load_project(root / "vesuvius.toml")
     return train(load_experiment(root / "tiny.toml"), project).path
+
+
+# --------------------------------------------------------------------------- training in a subprocess
+
+
+def experiment(tmp_path: Path, epochs: int = 2, iterations: int = 4) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_experiment(epochs=epochs, iterations=iterations))
+    return path
+
+
+def vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], env=env, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def start_vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vesuvius_lab", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def only_run(runs: Path) -> Run:
+    (run,) = find_runs(runs)
+    return run
+
+
+def wait_for_epochs(run_parent: Path, epochs: int, process: subprocess.Popen, timeout: float = 300) -> Run:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = find_runs(run_parent)
+        if runs and len(runs[0].metrics()) >= epochs:
+            return runs[0]
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError("training did not reach the epoch in time")

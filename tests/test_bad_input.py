@@ -78,6 +78,16 @@ def truncate(data: Path, volume_id: str) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def symlink_loop(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.name)  # a link to itself
+
+
+def replace_by_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
 DATA_CASES = {
     "missing data folder": (lambda d, i: shutil.rmtree(d), "data folder not found"),
     "truncated tiff": (truncate, "truncated or damaged"),
@@ -93,6 +103,8 @@ DATA_CASES = {
     "shape mismatch": (lambda d, i: write_volume(d / "train_labels" / f"{i}.tif", np.zeros((32, 48, 40), np.uint8)),
                        "shape"),
     "csv id without file": (lambda d, i: (d / "train_images" / f"{i}.tif").unlink(), "file not found"),
+    "image that is a symlink loop": (lambda d, i: symlink_loop(d / "train_images" / f"{i}.tif"), "a symlink loop"),
+    "image that is a folder": (lambda d, i: replace_by_folder(d / "train_images" / f"{i}.tif"), "is a folder"),
     "window larger than every volume": (None, "larger than every training volume"),
 }
 

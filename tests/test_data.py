@@ -14,6 +14,7 @@ import tifffile
 from click.testing import CliRunner
 
 from vesuvius_lab.cli import cli
+from vesuvius_lab.core.array_cache import checksum_path, entry_problem
 from vesuvius_lab.core.data.dataset import Dataset, check_dataset, make_folds, open_volume
 from vesuvius_lab.core.data.tiff import VolumeError, write_volume
 from vesuvius_lab.core.errors import UserError
@@ -115,16 +116,45 @@ def test_cache_hits_on_the_second_open(tmp_path, synth_data):
     assert isinstance(first, np.memmap) and first.dtype == np.uint8
     assert np.array_equal(first, tifffile.imread(path))
     (entry,) = cache.glob("*.npy")
-    # Mark the cached copy: the second open must return it rather than decode the TIFF again.
-    marked = np.load(entry, mmap_mode="r+")
-    marked[0, 0, 0] = 255 - int(marked[0, 0, 0])
-    marked.flush()
-    del marked
+    assert checksum_path(entry).is_file()
+    written = entry.stat().st_mtime_ns
     second = open_volume(path, cache)
-    assert int(second[0, 0, 0]) != int(tifffile.imread(path)[0, 0, 0])
+    assert Path(second.filename) == entry and entry.stat().st_mtime_ns == written  # read, not decoded again
     assert list(cache.glob("*.npy")) == [entry]
     with pytest.raises(ValueError):
         second[0, 0, 0] = 1  # read-only
+
+
+@pytest.mark.parametrize("damage", ["same size, other content", "another shape", "truncated", "no checksum"])
+def test_a_damaged_cache_entry_is_rebuilt_never_used(damage, tmp_path, synth_data):
+    """The cache cannot lie: an entry that does not match its checksum is decoded again from the TIFF."""
+    path = Dataset.open(synth_data).image_path(_train_ids(synth_data)[0])
+    cache = tmp_path / "cache"
+    truth = np.array(open_volume(path, cache))
+    (entry,) = cache.glob("*.npy")
+    if damage == "same size, other content":
+        np.save(entry, 255 - truth)
+    elif damage == "another shape":
+        np.save(entry, np.zeros((2, 2, truth.size // 4), np.uint8))
+    elif damage == "truncated":
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    else:
+        checksum_path(entry).unlink()
+    assert np.array_equal(open_volume(path, cache), truth)
+    assert entry_problem(entry) is None
+
+
+def test_data_check_finds_and_deletes_damaged_cache_entries(tmp_path, synth_data):
+    path = Dataset.open(synth_data).image_path(_train_ids(synth_data)[0])
+    cache = tmp_path / "cache"
+    truth = np.array(open_volume(path, cache))
+    (entry,) = cache.glob("*.npy")
+    np.save(entry, 255 - truth)
+    report = check_dataset(synth_data, progress=False, cache_dir=cache)
+    assert report.ok
+    (note,) = report.notes
+    assert str(entry) in note and "does not match its checksum" in note
+    assert not entry.exists()
 
 
 def test_cache_is_invalidated_when_the_file_changes(tmp_path):

@@ -25,7 +25,8 @@ from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.ensemble import EnsemblePredictor, combine
 from vesuvius_lab.core.training.ensemble_run import build_ensemble
 from vesuvius_lab.core.inference.ensemble_members import members_from_record, resolve_members
-from vesuvius_lab.core.inference.probability_cache import CachedRun, volume_key
+from vesuvius_lab.core.array_cache import checksum_path, entry_problem, probabilities_problem, write_array
+from vesuvius_lab.core.inference.probability_cache import CachedRun, check_output, volume_key
 from vesuvius_lab.core.inference.run_kinds import load_run
 from vesuvius_lab.core.metric.score import score_volume
 from vesuvius_lab.core.runs.folder import Run
@@ -286,24 +287,47 @@ def test_leaderboard_ranks_the_ensemble_beside_its_members(ws, builds):
 # --------------------------------------------------------------------------- refusals and the submission
 
 
-def test_a_member_of_another_shape_is_refused_with_exit_2(ws, builds, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["another shape", "same size, other values", "NaN with a valid checksum",
+                                    "no checksum"])
+def test_a_damaged_cache_entry_is_predicted_again_not_trusted(damage, ws, builds, tmp_path, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(ws.runs, runs)
     project = write_project(tmp_path, ws.data, runs)
     monai = Run(runs / ws.monai.experiment / ws.monai.id)
     volume_id = next(iter(builds["mean"].read("members.json")["volumes"]))
     spec = Experiment.model_validate(monai.read("spec.json"))
-    path = CachedRun(monai, spec).path(volume_key(image(ws, volume_id)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.zeros((4, 4, 4), np.float16))
-    file = ws.ensemble_file("ens-broken", f'["{monai.path}"]')
-    with pytest.raises(SystemExit) as caught:
-        vlab(["--project", str(project), "ensemble", str(file)])
-    assert caught.value.code == 2
-    message = capsys.readouterr().err
-    assert "shape (4, 4, 4)" in message and str(path) in message and "Traceback" not in message
-    (failed,) = list((runs / "ens-broken").iterdir())
-    assert Run(failed).read("status.json")["state"] == "failed"
+    volume = image(ws, volume_id)
+    path = CachedRun(monai, spec).path(volume_key(volume))
+    good = np.load(path)
+    assert entry_problem(path) is None  # the build left a sound, checksummed entry
+    if damage == "another shape":
+        np.save(path, np.zeros((4, 4, 4), np.float16))
+    elif damage == "same size, other values":
+        np.save(path, np.clip(good.astype(np.float32) + 0.25, 0, 1).astype(np.float16))
+    elif damage == "NaN with a valid checksum":
+        write_array(path, np.full(good.shape, np.nan, np.float16))
+    else:
+        checksum_path(path).unlink()
+    assert entry_problem(path, probabilities_problem) not in (None, "absent")
+
+    file = ws.ensemble_file("ens-repaired", f'["{monai.path}"]')
+    vlab(["--project", str(project), "ensemble", str(file)])
+    assert "Traceback" not in capsys.readouterr().err
+    (built,) = list((runs / "ens-repaired").iterdir())
+    assert Run(built).read("status.json")["state"] == "finished"
+    assert entry_problem(path) is None
+    np.testing.assert_array_equal(np.load(path), good)  # predicted again: the same probabilities
+
+
+def test_a_member_that_predicts_another_shape_or_nan_is_refused():
+    what, fix = "member m predicted volume v", "A member must return one surface probability per voxel."
+    with pytest.raises(UserError, match=r"shape \(4, 4, 4\)"):
+        check_output(np.zeros((4, 4, 4), np.float32), (8, 8, 8), what, fix)
+    with pytest.raises(UserError, match="NaN"):
+        check_output(np.full((8, 8, 8), np.nan, np.float32), (8, 8, 8), what, fix)
+    with pytest.raises(UserError, match=r"outside \[0, 1\]"):
+        check_output(np.full((8, 8, 8), 3.0, np.float32), (8, 8, 8), what, fix)
+    check_output(np.full((8, 8, 8), 0.5, np.float32), (8, 8, 8), what, fix)
 
 
 def test_submit_of_an_ensemble_run_writes_a_valid_zip(ws, builds, tmp_path):

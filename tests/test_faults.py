@@ -1,9 +1,12 @@
-"""Faults a long job meets: a kill mid-write, a dying DDP rank, a full disk, two runs at once."""
+"""Faults a long job meets: a kill mid-write, a dying DDP rank, a full disk, two runs at once, SIGTERM,
+two processes that want one run, damaged records, writes that fail."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +15,11 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_experiment
+from conftest import experiment, start_vlab, tiny_experiment, vlab, wait_for_epochs
 
 from vesuvius_lab.core import checkpoint
-from vesuvius_lab.core.runs.folder import effective_state, find_runs
+from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
+from vesuvius_lab.core.runs.lock import RunLock
 from vesuvius_lab.core.training import distributed
 
 WRITER = textwrap.dedent("""
@@ -72,8 +76,8 @@ def test_full_disk_while_predicting_fails_loudly_and_leaves_no_partial_file(tiny
                             capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2, result.stderr
-    assert "no space left to write" in result.stderr and "Traceback" not in result.stderr
-    assert [p for p in out.iterdir() if not p.name.startswith(".")] == []
+    assert "file-size limit" in result.stderr and "Traceback" not in result.stderr
+    assert [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")] == []
 
 
 def test_two_runs_into_one_runs_dir_while_reading(synth_data, tmp_path):
@@ -100,3 +104,157 @@ def test_two_runs_into_one_runs_dir_while_reading(synth_data, tmp_path):
         assert [m["epoch"] for m in run.metrics()] == [1]
         assert "score" in run.read("summary.json") and run.read("spec.json")["name"] == run.experiment
         checkpoint.load(run.checkpoints / "last.pt")
+
+
+# --------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_data, tmp_path):
+    """SLURM, Kubernetes, docker stop and Kaggle send SIGTERM: the run saves at a step boundary inside the
+    epoch, is marked interrupted and resumable, and the resumed run ends with the schedule, step count and
+    records of a run that was never stopped."""
+    runs, straight, iterations = tmp_path / "runs", tmp_path / "straight", 600  # an epoch of a few seconds
+    file = experiment(tmp_path, epochs=2, iterations=iterations)
+    process = start_vlab(["train", str(file)], synth_data, runs)
+    run = wait_for_epochs(runs, 1, process)
+    time.sleep(0.5)  # inside epoch 2
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "vlab train --resume" in stderr and "Traceback" not in stderr
+    assert effective_state(run) == "interrupted" and run.read("status.json")["signal"] == "SIGTERM"
+    state = checkpoint.load(run.checkpoints / "last.pt")
+    epoch, iteration = state["resume_at"]
+    assert epoch == 1 and 0 < iteration < iterations, state["resume_at"]  # inside epoch 2, not at its start
+    assert state["scheduler"]["last_epoch"] == iterations + iteration      # one scheduler step per optimizer step
+
+    resumed = vlab(["train", "--resume", str(run.path)], synth_data, runs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"in epoch 2 at iteration {iteration + 1}" in resumed.stderr
+    assert vlab(["train", str(file)], synth_data, straight).returncode == 0
+    (reference,) = find_runs(straight)
+    final, expected = checkpoint.load(run.checkpoints / "last.pt"), checkpoint.load(reference.checkpoints / "last.pt")
+    assert final["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"] == 2 * iterations
+    assert [m["epoch"] for m in run.metrics()] == [1, 2]
+    assert run.metrics()[1]["lr"] == pytest.approx(reference.metrics()[1]["lr"])
+
+
+# --------------------------------------------------------------------------- one run, one writer
+
+
+def test_a_run_held_by_another_process_is_never_written_twice(synth_data, tmp_path):
+    """Two `vlab run` started at once would both resume the same killed run: the lock lets one write it;
+    the other says who holds it, and the run's records stay single."""
+    runs = tmp_path / "runs"
+    file = experiment(tmp_path, epochs=3, iterations=30)
+    process = start_vlab(["run", str(file)], synth_data, runs)
+    run = wait_for_epochs(runs, 1, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert effective_state(run) == "killed"
+    metrics, log = (run.path / "metrics.jsonl").read_bytes(), (run.path / "log.txt").read_bytes()
+
+    with RunLock(run):  # this test process plays the one that resumed it first
+        for command in (["run", str(file)], ["train", "--resume", str(run.path)]):
+            second = vlab(command, synth_data, runs)
+            assert second.returncode == 2, second.stderr
+            assert f"being written by process {os.getpid()}" in " ".join(second.stderr.split())
+            assert "Traceback" not in second.stderr
+        assert (run.path / "metrics.jsonl").read_bytes() == metrics
+        assert (run.path / "log.txt").read_bytes() == log
+        assert find_runs(runs) == [run]
+
+    finished = vlab(["run", str(file)], synth_data, runs)  # released: now it resumes
+    assert finished.returncode == 0, finished.stderr
+    assert [m["epoch"] for m in run.metrics()] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- damaged records
+
+
+@pytest.fixture(scope="module")
+def a_killed_run(synth_data, tmp_path_factory) -> Run:
+    root = tmp_path_factory.mktemp("killed")
+    process = start_vlab(["train", str(experiment(root, epochs=3, iterations=20))], synth_data, root / "runs")
+    run = wait_for_epochs(root / "runs", 1, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    return run
+
+
+@pytest.fixture
+def killed_run(a_killed_run, tmp_path) -> Run:
+    """A copy of a run killed after epoch 1, to damage."""
+    runs = tmp_path / "runs"
+    shutil.copytree(a_killed_run.path.parent.parent, runs)
+    return Run(runs / a_killed_run.experiment / a_killed_run.id)
+
+
+@pytest.mark.parametrize("damage", ["zero-byte checkpoint", "spec that no longer validates",
+                                    "status that is a list", "summary that is a string"])
+def test_damaged_records_are_messages_and_never_take_the_leaderboard_down(damage, killed_run, synth_data):
+    run, runs = killed_run, killed_run.path.parent.parent
+    if damage == "zero-byte checkpoint":
+        (run.checkpoints / "last.pt").write_bytes(b"")
+        expected = "not a readable vesuvius-lab checkpoint"
+    elif damage == "spec that no longer validates":
+        spec = run.read("spec.json")
+        spec["train"]["epochs"] = "many"
+        (run.path / "spec.json").write_text(json.dumps(spec))
+        expected = "not a valid experiment record"
+    elif damage == "status that is a list":
+        (run.path / "status.json").write_text("[1, 2, 3]")
+        expected = None
+    else:
+        (run.path / "summary.json").write_text('"finished"')
+        expected = None
+    if expected:
+        resumed = vlab(["train", "--resume", str(run.path)], synth_data, runs)
+        assert resumed.returncode == 2 and expected in resumed.stderr, resumed.stderr
+        assert "Traceback" not in resumed.stderr
+    board = vlab(["leaderboard", "--runs"], synth_data, runs)
+    assert board.returncode == 0, board.stderr
+    assert "Traceback" not in board.stderr
+
+
+# --------------------------------------------------------------------------- writes that fail
+
+
+@pytest.mark.parametrize("command", [
+    ["schema", "-o", "{file}/schema.json"],
+    ["leaderboard", "--html", "{file}/board.html"],
+    ["submit", "{run}", "--input", "{data}/test_images", "--output", "{file}/submission.zip"],
+    ["--runs", "{file}/runs", "train", "{experiment}"],
+])
+def test_an_output_whose_parent_is_a_file_is_a_message(command, tiny_run, synth_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = [part.format(file=blocker, run=tiny_run, data=synth_data, experiment=experiment(tmp_path))
+            for part in command]
+    result = vlab(args, synth_data, tiny_run.parent.parent)
+    assert result.returncode == 2, result.stderr
+    assert str(blocker) in result.stderr and "is a file" in result.stderr and "Traceback" not in result.stderr
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("limit, writer", [(16 * 1024, "numpy, the decoded-volume cache"),
+                                           (4 * 1024 * 1024, "torch, a checkpoint")])
+def test_a_file_size_limit_hit_by_numpy_or_torch_is_a_message(limit, writer, synth_data, tmp_path):
+    """Neither library reports a failed write with an errno: one place (atomic writes) turns both into
+    a message naming the file, and nothing half-written is left."""
+    runs = tmp_path / "runs"
+    env = {**os.environ, "VLAB_DATA": str(synth_data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "vesuvius_lab", "train", str(experiment(tmp_path))],
+                            capture_output=True, text=True, env=env, timeout=600, preexec_fn=_file_size_limit(limit))
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr and ("file-size limit" in message or "cut short" in message), message
+    suffix = ".npy" if "numpy" in writer else ".pt"
+    assert suffix in message
+    assert not [p for p in runs.rglob(f"*{suffix}*") if p.name.startswith(".")]  # no temporary left behind

@@ -375,7 +375,7 @@ def test_an_nnunet_run_opens_as_self_training_and_the_leaderboard_shows_what_it_
     from vesuvius_lab.core.reports.compare import compare_runs
     from vesuvius_lab.core.reports.leaderboard import build_leaderboard
     from vesuvius_lab.core.runs.folder import Run
-    from vesuvius_lab.core.training.summary import write_summary
+    from vesuvius_lab.core.runs.summary import write_summary
 
     job, model, _ = trained
     run = Run(tmp_path / "runs" / "tiny-nnunet" / "fold0-1")

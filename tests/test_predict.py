@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_predict_writes_masks_and_probabilities_of_each_input_shape(tiny_run, sy
     for image_path in sorted((synth_data / "test_images").glob("*.tif")):
         mask = read_volume(out / image_path.name)
         assert mask.shape == read_volume(image_path).shape and set(np.unique(mask)) <= {0, 1}
-        probabilities = read_tiff(out / f"{image_path.stem}_prob.tif")
+        probabilities = read_tiff(out / "probabilities" / f"{image_path.stem}.tif")
         assert probabilities.dtype == np.float16 and probabilities.shape == mask.shape
         assert 0 <= probabilities.min() and probabilities.max() <= 1
         # The mask is the run's chain applied to those probabilities (here: the threshold alone),
@@ -38,6 +39,24 @@ def test_predict_writes_masks_and_probabilities_of_each_input_shape(tiny_run, sy
         decided = np.abs(probabilities.astype(np.float32) - 0.5) > 1e-3
         assert decided.mean() > 0.5
         assert np.array_equal(mask[decided], (probabilities[decided] > 0.5).astype(np.uint8))
+
+
+def test_predict_output_is_a_valid_input_of_evaluate_and_postprocess(tiny_run, synth_data, tmp_path):
+    """Outputs of one command are inputs of the next: the masks folder for `vlab evaluate`, the
+    probabilities folder for `vlab postprocess`."""
+    out, labels = tmp_path / "pred", synth_data / "train_labels"
+    assert vlab(["predict", str(tiny_run), "--input", str(synth_data / "train_images"), "--output", str(out),
+                 "--probabilities"]).returncode == 0
+    scored = vlab(["evaluate", str(out), str(labels), "--json"])
+    assert scored.returncode == 0, scored.stderr
+    assert len(json.loads(scored.stdout)["volumes"]) == len(list(labels.glob("*.tif")))
+    experiment = tmp_path / "threshold.toml"
+    experiment.write_text('name = "t"\n[model]\nplugin = "smp_unet25d"\n[[postprocess]]\nplugin = "threshold"\n'
+                          'params = { value = 0.5 }\n')
+    processed = vlab(["postprocess", str(experiment), "--input", str(out / "probabilities"),
+                      "--output", str(tmp_path / "pp")])
+    assert processed.returncode == 0, processed.stderr
+    assert sorted(p.name for p in (tmp_path / "pp").glob("*.tif")) == sorted(p.name for p in out.glob("*.tif"))
 
 
 def test_submit_writes_the_competition_zip(tiny_run, synth_data, tmp_path):

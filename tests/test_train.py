@@ -4,54 +4,16 @@ non-finite losses, DDP on the CPU and its gradient equivalence."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_experiment
+from conftest import experiment, only_run, start_vlab, vlab, wait_for_epochs
 
 from vesuvius_lab.core import checkpoint
-from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
-
-
-def experiment(tmp_path: Path, epochs: int = 2, iterations: int = 4) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(tiny_experiment(epochs=epochs, iterations=iterations))
-    return path
-
-
-def vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], env=env, capture_output=True,
-                          text=True, timeout=600, **kwargs)
-
-
-def start_vlab(args: list[str], data: Path, runs: Path) -> subprocess.Popen:
-    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "vesuvius_lab", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def only_run(runs: Path) -> Run:
-    (run,) = find_runs(runs)
-    return run
-
-
-def wait_for_epochs(run_parent: Path, epochs: int, process: subprocess.Popen, timeout: float = 300) -> Run:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        runs = find_runs(run_parent)
-        if runs and len(runs[0].metrics()) >= epochs:
-            return runs[0]
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.02)
-    raise AssertionError("training did not reach the epoch in time")
+from vesuvius_lab.core.runs.folder import effective_state, find_runs
 
 
 def test_train_records_scores_and_checkpoints(synth_data, tmp_path):
@@ -120,15 +82,24 @@ def test_vlab_run_resumes_a_killed_run_of_the_same_spec(synth_data, tmp_path):
     assert fresh.returncode == 0 and len(find_runs(runs)) == 2
 
 
-def test_ctrl_c_saves_and_exits_cleanly(synth_data, tmp_path):
+def _as_a_background_job() -> None:
+    """What a shell does to a job started with `&`: SIGINT ignored, so Python raises no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("started", ["from a terminal", "as a background job"])
+def test_ctrl_c_saves_and_exits_cleanly(started, synth_data, tmp_path):
+    """The trainer handles SIGINT itself, whatever disposition the process inherited."""
     runs = tmp_path / "runs"
-    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)
+    setup = _as_a_background_job if started == "as a background job" else None
+    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs,
+                         preexec_fn=setup)
     run = wait_for_epochs(runs, 1, process)
     process.send_signal(signal.SIGINT)  # epoch 1 is recorded; epoch 2 has just begun
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "vlab train --resume" in stderr and "Traceback" not in stderr
-    assert effective_state(run) == "interrupted"
+    assert effective_state(run) == "interrupted" and run.read("status.json")["signal"] == "SIGINT"
     assert checkpoint.load(run.checkpoints / "last.pt")["epoch"] >= 0
 
 

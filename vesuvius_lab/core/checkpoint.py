@@ -1,18 +1,24 @@
-"""Checkpoints: written atomically, loaded safely (``weights_only=True``), checked against the model."""
+"""Checkpoints: written atomically, loaded safely (``weights_only=True``), checked against the model.
+
+torch is imported where it is used, so that opening runs (``core/inference``) stays cheap to import.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, brief
 from vesuvius_lab.core.files import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint; a process killed mid-write leaves the previous file intact."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -23,18 +29,20 @@ def load(path: Path, map_location: str = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found. Was the run trained to the end of an epoch? "
                         "`vlab leaderboard --runs` shows each run's state.")
+    import torch
+
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise UserError(f"{path}: not a readable vesuvius-lab checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}). Use checkpoints/last.pt or best.pt of a run.") from None
+                        f"{brief(exc)}). Use checkpoints/last.pt or best.pt of a run.") from None
     if not isinstance(state, dict) or "model" not in state or "model_plugin" not in state:
         raise UserError(f"{path}: this file is not a vesuvius-lab checkpoint (no model state). "
                         "Use checkpoints/last.pt or best.pt of a run.")
     return state
 
 
-def load_model_state(module: torch.nn.Module, state: dict[str, Any], path: Path, plugin: str, params: dict) -> None:
+def load_model_state(module: "torch.nn.Module", state: dict[str, Any], path: Path, plugin: str, params: dict) -> None:
     """Load weights, refusing a checkpoint of another model with a message instead of a shape error."""
     if state["model_plugin"] != plugin or state.get("model_params") != params:
         raise UserError(f"{path}: this checkpoint is from model {state['model_plugin']} "
@@ -43,5 +51,5 @@ def load_model_state(module: torch.nn.Module, state: dict[str, Any], path: Path,
     try:
         module.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise UserError(f"{path}: the weights do not fit the model ({str(exc).splitlines()[0]}). "
+        raise UserError(f"{path}: the weights do not fit the model ({brief(exc)}). "
                         "Use the checkpoint of a run of this experiment.") from None

@@ -8,6 +8,8 @@ importing only the plugins the file names.
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 import tomllib
 import typing
@@ -19,10 +21,16 @@ from pydantic import BaseModel, ValidationError
 
 from vesuvius_lab.core import registry
 from vesuvius_lab.core.config.spec import Experiment
-from vesuvius_lab.core.config.tomlpos import key_lines, line_of
+from vesuvius_lab.core.config.text import TextFileError, clip, clip_long_runs, echo, read_text
+from vesuvius_lab.core.config.tomlpos import key_lines, line_of, nesting_line
 from vesuvius_lab.core.errors import UserError
 
 COMMAND_LINE = "--set"
+#: Tables and arrays nested deeper than this are refused: no setting needs it, and Python's TOML
+#: parser (and every recursive step after it) would hit the recursion limit not far beyond.
+MAX_DEPTH = 64
+TOO_DEEP = (f"tables and arrays nested more than {MAX_DEPTH} levels deep. No setting needs so many levels; "
+            "remove the extra ones.")
 
 
 @dataclass(frozen=True)
@@ -33,12 +41,15 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path + ': ' if self.path else ''}{self.message}"
+        # The one place problems become text, so echoed input (a --set, a key, a value) is clipped here.
+        file = clip(self.file) if self.file.startswith(COMMAND_LINE) else self.file
+        where = f"{file}:{self.line}" if self.line else file
+        path = clip(self.path)
+        return f"{where}: {path + ': ' if path else ''}{clip_long_runs(self.message)}"
 
 
 class SpecError(UserError):
-    """One or more problems in experiment files; the message lists them all."""
+    """One or more problems in experiment files (or ``vesuvius.toml``); the message lists them all."""
 
     def __init__(self, problems: list[Problem]):
         self.problems = problems
@@ -66,46 +77,91 @@ class LoadedExperiment:
     files: tuple[Path, ...]  # the file and every file it extends
 
 
+class OverrideError(UserError):
+    """A ``--set KEY=VALUE`` that cannot be applied; it is reported as coming from the command line."""
+
+    def __init__(self, text: str, reason: str):
+        self.problem = Problem(f"{COMMAND_LINE} {text}", None, "", reason)
+        super().__init__(str(self.problem))
+
+
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``a.b=value`` -> (("a", "b"), value); the value is read as TOML, else kept as a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise UserError(f'--set {text!r}: expected KEY=VALUE, e.g. --set train.epochs=3.')
+        raise OverrideError(text, "expected KEY=VALUE, e.g. --set train.epochs=3.")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
-    return tuple(key.strip().split(".")), parsed
+    except RecursionError:
+        raise OverrideError(text, TOO_DEEP) from None
+    if _too_deep(parsed) is not None:
+        raise OverrideError(text, TOO_DEEP)
+    return tuple(part.strip() for part in key.split(".")), parsed
 
 
 def _set_key(data: dict, keys: tuple[str, ...], value: Any, text: str) -> tuple:
-    """Set ``data[k1][k2]...`` (a digit indexes a list, e.g. ``loss.0.weight``); return the path."""
+    """Set ``data[k1][k2]...`` (a digit indexes a list, e.g. ``loss.0.weight``). Return the path of what
+    changed: the key path, or the first table on it that had to be created (so that a problem anywhere
+    below, an unknown key included, is blamed on the command line)."""
     node: Any = data
     path: tuple = ()
+    created = None
     for position, key in enumerate(keys):
-        last = position == len(keys) - 1
-        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+        if isinstance(node, list):
+            if not (key.isdigit() and int(key) < len(node)):
+                raise OverrideError(text, _no_item(path, node, key))
             key = int(key)
         elif not isinstance(node, dict):
-            raise UserError(f"--set {text}: {'.'.join(map(str, path))} is not a table, so it has no "
-                            f'key "{key}". Check the key path against `vlab schema`.')
+            raise OverrideError(text, f'{_dotted(path)} is {echo(node)}, not a table, so it has '
+                                f'no key "{clip(key)}". Check the key path against `vlab schema`.')
         path += (key,)
-        if last:
+        if position == len(keys) - 1:
             node[key] = value
-        else:
-            if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
-                node[key] = {}
-            node = node[key]
-    return path
+            break
+        if isinstance(node, dict) and not isinstance(node.get(key), (dict, list)):
+            if keys[position + 1].isdigit():
+                raise OverrideError(text, f"there is no list {_dotted(path)} in the experiment file, "
+                                    f"so it has no item {keys[position + 1]}. Give the whole value instead "
+                                    f"(--set {_dotted(path)}=[...]).")
+            node[key] = {}
+            created = created or path
+        node = node[key]
+    return created or path
 
 
-def _read(path: Path, problems: list[Problem]) -> _Source | None:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        problems.append(Problem(str(path), None, "", f"cannot read the file ({exc.strerror}). "
-                                "Check the path."))
-        return None
+def _no_item(path: tuple, items: list, key: str) -> str:
+    count = f"{len(items)} item{'' if len(items) == 1 else 's'}" + (f" (0 to {len(items) - 1})" if items else "")
+    return (f"the list {_dotted(path)} has {count}, so there is no item {clip(key)}. Give the index of an item, "
+            f"or the whole list (--set {_dotted(path)}=[...]).")
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def _too_deep(data: Any) -> tuple | None:
+    """The key path of a value nested more than :data:`MAX_DEPTH` levels deep, or None (no recursion:
+    the data may be deeper than Python's recursion limit allows)."""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if len(path) > MAX_DEPTH:
+            return path
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((path + (key,), child) for key, child in children)
+    return None
+
+
+def _real_path(path: Path) -> Path:
+    """The absolute path with symlinks resolved; a symlink loop is left for the read to report
+    (``Path.resolve`` raises RuntimeError on one before Python 3.13)."""
+    return Path(os.path.realpath(path))
+
+
+def toml_source(path: Path, text: str, problems: list[Problem]) -> _Source | None:
+    """A TOML file's text as a :class:`_Source`; None (and a problem) on a syntax error or deep nesting."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -113,7 +169,14 @@ def _read(path: Path, problems: list[Problem]) -> _Source | None:
         problems.append(Problem(str(path), line, "", f"TOML syntax error: {message}. "
                                 "Fix the syntax (strings need quotes, tables [name], lists [a, b])."))
         return None
+    except RecursionError:
+        problems.append(Problem(str(path), nesting_line(text, MAX_DEPTH), "", TOO_DEEP))
+        return None
     lines = key_lines(text)
+    deep = _too_deep(data)
+    if deep is not None:
+        problems.append(Problem(str(path), line_of(lines, deep), "", TOO_DEEP))
+        return None
     origin = {path_: (str(path), lines.get(path_) or line_of(lines, path_)) for path_ in _paths(data)}
     origin[()] = (str(path), None)
     return _Source(data, origin)
@@ -165,29 +228,76 @@ def _merge(parent: _Source, child: _Source) -> _Source:
     return _Source(merge(parent.data, child.data), origin)
 
 
-def _load_source(path: Path, problems: list[Problem], chain: tuple[Path, ...] = ()) -> tuple[_Source | None, tuple[Path, ...]]:
-    path = path.resolve()
+def _load_source(path: Path, problems: list[Problem], chain: tuple[Path, ...] = (),
+                 extended_by: tuple[str, int | None, str] | None = None) -> tuple[_Source | None, tuple[Path, ...]]:
+    """The merged document of ``path`` and its parents; ``extended_by`` is (file, line, name) of the
+    ``extends`` that names ``path``."""
+    path = _real_path(path)
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         problems.append(Problem(str(chain[-1]), None, "extends", f"extends cycle: {cycle}. Remove one link."))
         return None, chain
-    source = _read(path, problems)
-    if source is None:
-        return None, chain + (path,)
     files = chain + (path,)
-    parents = source.data.pop("extends", None)
+    try:
+        text = read_text(path)
+    except TextFileError as exc:
+        problems.append(_unreadable(exc, extended_by))
+        return None, files
+    source = toml_source(path, text, problems)
+    if source is None:
+        return None, files
     merged = _Source()
-    for parent in [parents] if isinstance(parents, str) else parents or []:
-        parent_path = path.parent / str(parent)
-        if not parent_path.is_file():
-            file, line = source.where(("extends",))
-            problems.append(Problem(file, line, "extends", f'parent file "{parent}" not found '
-                                    f"(looked for {parent_path}). Paths are relative to this file."))
-            continue
-        parent_source, files = _load_source(parent_path, problems, files)
+    file, line = source.where(("extends",))
+    for parent in _parents(source, problems):
+        parent_source, files = _load_source(path.parent / parent, problems, files, (file, line, parent))
         if parent_source is not None:
             merged = _merge(merged, parent_source)
     return _merge(merged, source), files
+
+
+def _unreadable(exc: TextFileError, extended_by: tuple[str, int | None, str] | None) -> Problem:
+    """A file that cannot be read, blamed on the ``extends`` that names it; text that is not UTF-8 is
+    blamed on the file itself, at the line of the first bad byte."""
+    if exc.line is not None or extended_by is None:
+        return Problem(str(exc.path), exc.line, "", "file not found. Check the path." if exc.missing else exc.reason)
+    file, line, name = extended_by
+    if exc.missing:
+        return Problem(file, line, "extends", f'parent file "{clip(name)}" not found (looked for {exc.path}). '
+                       "Paths are relative to this file.")
+    return Problem(file, line, "extends", f'parent file "{clip(name)}" cannot be read: {exc.reason}')
+
+
+def _parents(source: _Source, problems: list[Problem]) -> list[str]:
+    """The file names in ``extends`` (removed from the document): one string or a list of them."""
+    parents = source.data.pop("extends", None)
+    names = [parents] if isinstance(parents, str) else [] if parents is None else parents
+    if isinstance(names, list) and all(isinstance(name, str) and name.strip() for name in names):
+        return names
+    file, line = source.where(("extends",))
+    problems.append(Problem(file, line, "extends", 'extends must be a file name or a list of file names, e.g. '
+                            'extends = "base.toml" or extends = ["a.toml", "b.toml"] (relative to this file); '
+                            f"got {echo(parents)}."))
+    return []
+
+
+def _non_finite(data: Any, path: tuple = ()) -> Iterator[tuple[tuple, float]]:
+    """(key path, value) of every inf and nan in a raw document."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield path, data
+    elif isinstance(data, (dict, list)):
+        for key, value in data.items() if isinstance(data, dict) else enumerate(data):
+            yield from _non_finite(value, path + (key,))
+
+
+def non_finite_problems(source: _Source) -> list[Problem]:
+    """inf and nan anywhere, plugins' params included (whatever their Params models allow): no setting
+    means them, and one would only show later, as a run that diverges or never ends."""
+    problems = []
+    for path, value in _non_finite(source.data):
+        file, line = source.where(path)
+        problems.append(Problem(file, line, _dotted(path), f"{value} is not a finite number. Give a finite value "
+                                "(inf and nan are refused everywhere)."))
+    return problems
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -211,22 +321,24 @@ def _types_in(annotation: Any) -> Iterator[Any]:
         yield from _types_in(arg)
 
 
-def _pydantic_problems(exc: ValidationError, source: _Source, model: type[BaseModel],
-                       prefix: tuple = ()) -> list[Problem]:
+def pydantic_problems(exc: ValidationError, source: _Source, model: type[BaseModel],
+                      prefix: tuple = ()) -> list[Problem]:
     problems = []
     for error in exc.errors():
+        if isinstance(error.get("input"), float) and not math.isfinite(error["input"]):
+            continue  # reported by non_finite_problems, once and whatever the model allows
         loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
         file, line = source.where(prefix + loc)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             allowed = _fields_at(model, loc[:-1])
-            message = f'unknown key "{loc[-1]}".{registry.suggest(str(loc[-1]), allowed)}'
+            message = f'unknown key "{clip(str(loc[-1]))}".{registry.suggest(str(loc[-1]), allowed)}'
             if allowed:
                 message += f" Allowed here: {', '.join(allowed)}."
         elif error["type"] == "missing":
             message = "this key is required."
         elif "input" in error and not isinstance(error["input"], (dict, list)):
-            message += f" (got {error['input']!r})"
+            message += f" (got {echo(error['input'])})"
         problems.append(Problem(file, line, ".".join(map(str, prefix + loc)), message))
     return problems
 
@@ -265,7 +377,7 @@ def _plugin_problems(data: dict, source: _Source) -> list[Problem]:
         try:
             plugin.Params.model_validate(params)
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(exc, source, plugin.Params, path + ("params",)))
+            problems.extend(pydantic_problems(exc, source, plugin.Params, path + ("params",)))
     return problems
 
 
@@ -292,15 +404,20 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> LoadedExperi
     if source is None:
         raise SpecError(problems)
     for text in overrides:
-        keys, value = parse_override(text)
-        key_path = _set_key(source.data, keys, value, text)
-        source.origin = {p: o for p, o in source.origin.items() if p[:len(key_path)] != key_path}
-        source.origin[key_path] = (f"{COMMAND_LINE} {text}", None)
+        try:
+            keys, value = parse_override(text)
+            changed = _set_key(source.data, keys, value, text)
+        except OverrideError as exc:
+            problems.append(exc.problem)
+            continue
+        source.origin = {p: o for p, o in source.origin.items() if p[:len(changed)] != changed}
+        source.origin[changed] = (f"{COMMAND_LINE} {text}", None)
+    problems.extend(non_finite_problems(source))
     spec = None
     try:
         spec = Experiment.model_validate(source.data)
     except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, source, Experiment))
+        problems.extend(pydantic_problems(exc, source, Experiment))
     problems.extend(_plugin_problems(source.data, source))
     if spec is not None and not problems:
         problems.extend(_check_problems(spec, source))

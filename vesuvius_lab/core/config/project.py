@@ -9,13 +9,15 @@ and in experiment files' ``data.root`` are relative to the project folder (the o
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from vesuvius_lab.core.config.experiment import (Problem, SpecError, non_finite_problems, pydantic_problems,
+                                                 toml_source)
 from vesuvius_lab.core.config.spec import Experiment, ProjectSettings
+from vesuvius_lab.core.config.text import TextFileError, read_text
 from vesuvius_lab.core.errors import UserError
 
 PROJECT_FILE = "vesuvius.toml"
@@ -68,32 +70,40 @@ class Project:
 
 
 def find_project_file(start: Path | None = None) -> Path | None:
-    """The nearest ``vesuvius.toml`` in ``start`` or any folder above it."""
+    """The nearest ``vesuvius.toml`` in ``start`` or any folder above it (one that cannot be read too:
+    skipping it would silently drop the project's settings)."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         candidate = folder / PROJECT_FILE
-        if candidate.is_file():
+        if os.path.lexists(candidate):
             return candidate
     return None
 
 
 def load_project(path: Path | None = None) -> Project:
     """Read ``path`` (or the nearest ``vesuvius.toml``); defaults when there is none."""
+    found = path is None
     path = path or find_project_file()
     if path is None:
         return Project(Path.cwd().resolve(), None, ProjectSettings())
-    path = Path(path).resolve()
+    path = Path(os.path.realpath(path))  # not resolve(): before Python 3.13 it raises on a symlink loop
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: project file not found. Pass an existing file to --project, "
-                        f"or drop the option to use the nearest {PROJECT_FILE}.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: TOML syntax error: {exc}. Fix the file and run again.") from None
-    try:
-        settings = ProjectSettings.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UserError(f"{path}: invalid project settings: {problems}. Allowed keys: "
-                        f"{', '.join(ProjectSettings.model_fields)}.") from None
+        text = read_text(path)
+    except TextFileError as exc:
+        if not exc.missing:
+            raise
+        raise UserError(f"{path}: " + ("a symbolic link to a file that does not exist. Fix the link or remove it."
+                                       if found else "project file not found. Pass an existing file to --project, "
+                                       f"or drop the option to use the nearest {PROJECT_FILE}.")) from None
+    problems: list[Problem] = []
+    source = toml_source(path, text, problems)
+    settings = None
+    if source is not None:
+        problems += non_finite_problems(source)
+        try:
+            settings = ProjectSettings.model_validate(source.data)
+        except ValidationError as exc:
+            problems += pydantic_problems(exc, source, ProjectSettings)
+    if problems:
+        raise SpecError(problems)
     return Project(path.parent, path, settings)

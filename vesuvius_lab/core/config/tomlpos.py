@@ -152,3 +152,30 @@ def line_of(lines: dict[Path_, int], path: Path_) -> int | None:
         if path[:end] in lines:
             return lines[path[:end]]
     return None
+
+
+def nesting_line(text: str, limit: int) -> int | None:
+    """The line where arrays and inline tables first nest more than ``limit`` deep (for a document too
+    deep for ``tomllib`` to parse); strings and comments are skipped."""
+    depth, line, i = 0, 1, 0
+    while i < len(text):
+        c = text[i]
+        if c in "\"'":
+            end = _skip_string(text, i)
+            line += text.count("\n", i, end)
+            i = end
+            continue
+        if c == "#":
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+            continue
+        if c == "\n":
+            line += 1
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return line
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return None

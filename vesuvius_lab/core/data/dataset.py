@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import os
 import random
 import re
 from collections import Counter
@@ -23,10 +25,11 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
+from vesuvius_lab.core.array_cache import entry_problem, read_array, remove, write_array
+from vesuvius_lab.core.config.text import TextFileError, read_text
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.data.tiff import VolumeError, read_tiff, read_volume, volume_problems
-from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.files import atomic_path
+from vesuvius_lab.core.errors import UserError, absence
 
 Split = Literal["train", "test"]
 GroupBy = Literal["scroll_id", "id"]
@@ -46,39 +49,41 @@ def read_index(path: Path, *, require_scroll: bool = True) -> tuple[dict[str, st
     (a missing scroll id is then the empty string).
     """
     path = Path(path)
-    if not path.is_file():
-        return {}, [f"{path}: missing. Create it with the header `id,scroll_id` and one row per volume."]
+    try:
+        text = read_text(path)
+    except TextFileError as exc:  # not "missing" when it is there but unreadable (a folder, a loop, not UTF-8)
+        return {}, [f"{path}: missing. Create it with the header `id,scroll_id` and one row per volume."
+                    if exc.missing else str(exc)]
     problems: list[str] = []
     rows: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
-        needed = ["id", "scroll_id"] if require_scroll else ["id"]
-        missing = [name for name in needed if name not in header]
-        if missing:
-            found = ",".join(header) or "nothing"
-            return {}, [f"{path}: line 1 must be a header with the columns {','.join(needed)}; found {found}. "
-                        "Fix the header (the competition's is `id,scroll_id`)."]
-        id_col, scroll_col = header.index("id"), header.index("scroll_id") if "scroll_id" in header else None
-        for line, row in enumerate(reader, start=2):
-            if not any(cell.strip() for cell in row):
-                continue  # blank lines are harmless
-            if len(row) != len(header):
-                problems.append(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}. "
-                                "Give every row the header's columns.")
-                continue
-            volume_id = row[id_col].strip()
-            scroll = row[scroll_col].strip() if scroll_col is not None else ""
-            if not volume_id or (require_scroll and not scroll):
-                problems.append(f"{path}: line {line} has an empty {'id' if not volume_id else 'scroll_id'}. "
-                                "Fill it in or delete the row.")
-            elif not SAFE_ID.fullmatch(volume_id):
-                problems.append(f"{path}: line {line} has the id {volume_id!r}; ids name files, so they may only "
-                                "hold letters, digits, '.', '_' and '-' (no slashes, no '..'). Rename the volume.")
-            elif volume_id in rows:
-                problems.append(f"{path}: line {line} repeats the id {volume_id}. Keep one row per volume.")
-            else:
-                rows[volume_id] = scroll
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [name.strip() for name in next(reader, [])]
+    needed = ["id", "scroll_id"] if require_scroll else ["id"]
+    missing = [name for name in needed if name not in header]
+    if missing:
+        found = ",".join(header) or "nothing"
+        return {}, [f"{path}: line 1 must be a header with the columns {','.join(needed)}; found {found}. "
+                    "Fix the header (the competition's is `id,scroll_id`)."]
+    id_col, scroll_col = header.index("id"), header.index("scroll_id") if "scroll_id" in header else None
+    for line, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # blank lines are harmless
+        if len(row) != len(header):
+            problems.append(f"{path}: line {line} has {len(row)} fields, the header has {len(header)}. "
+                            "Give every row the header's columns.")
+            continue
+        volume_id = row[id_col].strip()
+        scroll = row[scroll_col].strip() if scroll_col is not None else ""
+        if not volume_id or (require_scroll and not scroll):
+            problems.append(f"{path}: line {line} has an empty {'id' if not volume_id else 'scroll_id'}. "
+                            "Fill it in or delete the row.")
+        elif not SAFE_ID.fullmatch(volume_id):
+            problems.append(f"{path}: line {line} has the id {volume_id!r}; ids name files, so they may only "
+                            "hold letters, digits, '.', '_' and '-' (no slashes, no '..'). Rename the volume.")
+        elif volume_id in rows:
+            problems.append(f"{path}: line {line} repeats the id {volume_id}. Keep one row per volume.")
+        else:
+            rows[volume_id] = scroll
     return rows, problems
 
 
@@ -95,11 +100,12 @@ class Dataset:
         """Read ``train.csv`` (required) and ``test.csv`` (optional); raise :class:`UserError` on a bad csv."""
         root = Path(root)
         if not root.is_dir():
-            raise UserError(f"{root}: data folder not found. Create a demo dataset with `vlab data synth --out "
+            raise UserError(f"{root}: data folder {absence(root, 'folder')}. Create a demo dataset with "
+                            f"`vlab data synth --out "
                             f"{root}`, or point --data / VLAB_DATA / data_root in vesuvius.toml at your data.")
         train, problems = read_index(root / "train.csv")
         test: dict[str, str] = {}
-        if (root / "test.csv").exists():
+        if os.path.lexists(root / "test.csv"):  # one that cannot be read is reported, not skipped
             test, test_problems = read_index(root / "test.csv", require_scroll=False)
             problems += test_problems
         if problems:
@@ -239,27 +245,41 @@ def open_volume(path: Path, cache_dir: Path) -> np.memmap:
     """
     path, cache_dir = Path(path), Path(cache_dir)
     if not path.is_file():
-        raise VolumeError(f"{path}: file not found. Check the data root and the csv ids (`vlab data check`).")
-    entry = cache_dir / f"{_cache_prefix(path)}{cache_key(path)}.npy"
-    try:
-        return np.load(entry, mmap_mode="r")
-    except (FileNotFoundError, ValueError, OSError):
-        pass  # not cached yet, or an unreadable entry that is rewritten below
-    volume = read_volume(path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(entry) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, volume)
-    mapped = np.load(entry, mmap_mode="r")
+        raise VolumeError(f"{path}: file {absence(path)}. Check the data root and the csv ids "
+                          "(`vlab data check`).")
+    entry = cache_entry(path, cache_dir)
+    cached = read_array(entry)  # None: not cached yet, or a damaged entry (deleted) that is rebuilt below
+    if cached is not None:
+        return cached
+    write_array(entry, read_volume(path))
     _remove_stale(cache_dir, path, keep=entry)
-    return mapped
+    return np.load(entry, mmap_mode="r")
+
+
+def cache_entry(path: Path, cache_dir: Path) -> Path:
+    """The decoded-volume cache entry of the TIFF at ``path`` as it is now."""
+    return Path(cache_dir) / f"{_cache_prefix(path)}{cache_key(path)}.npy"
 
 
 def _remove_stale(cache_dir: Path, path: Path, keep: Path) -> None:
     """Delete older cache entries of ``path`` (a process still mapping one keeps its data)."""
     for stale in cache_dir.glob(f"{_cache_prefix(path)}*.npy"):
         if stale != keep:
-            stale.unlink(missing_ok=True)
+            remove(stale)
+
+
+def check_cache(paths: list[Path], cache_dir: Path) -> list[str]:
+    """Verify the cache entries of these volumes; a damaged one is deleted (the next open rebuilds it).
+    Returns a note per deleted entry."""
+    notes = []
+    for path in paths:
+        entry = cache_entry(path, cache_dir)
+        problem = entry_problem(entry)
+        if problem not in (None, "absent"):
+            remove(entry)
+            notes.append(f"{entry}: a damaged cache entry of {path} ({problem}); deleted, it is rebuilt when "
+                         "the volume is next read.")
+    return notes
 
 
 # --------------------------------------------------------------------------- the integrity check
@@ -286,18 +306,21 @@ class CheckReport:
     root: Path
     problems: list[str]
     summary: DataSummary
+    notes: list[str] = field(default_factory=list)  # e.g. damaged cache entries, deleted
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def check_dataset(root: Path, *, progress: bool = True) -> CheckReport:
-    """Every problem of a data root at once, each naming its file and what to do, and a summary."""
+def check_dataset(root: Path, *, progress: bool = True, cache_dir: Path | None = None) -> CheckReport:
+    """Every problem of a data root at once, each naming its file and what to do, and a summary;
+    with ``cache_dir``, the decoded-volume cache entries of its volumes are verified too."""
     root = Path(root)
     summary = DataSummary()
     if not root.is_dir():
-        return CheckReport(root, [f"{root}: data folder not found. Create a demo dataset with `vlab data synth "
+        return CheckReport(root, [f"{root}: data folder {absence(root, 'folder')}. Create a demo dataset with "
+                                  "`vlab data synth "
                                   f"--out {root}` or pass the folder that holds train.csv."], summary)
     train, problems = read_index(root / "train.csv")
     test, test_problems = read_index(root / "test.csv", require_scroll=False)
@@ -320,7 +343,9 @@ def check_dataset(root: Path, *, progress: bool = True) -> CheckReport:
             summary.train += 1
         else:
             summary.test += 1
-    return CheckReport(root, problems, summary)
+    paths = [p for _, image, label in jobs for p in (image, label) if p is not None and p.is_file()]
+    notes = check_cache(paths, cache_dir) if cache_dir is not None else []
+    return CheckReport(root, problems, summary, notes)
 
 
 def _listing(folder: Path, index: dict[str, str], csv_name: str, problems: list[str]) -> dict[str, Path]:

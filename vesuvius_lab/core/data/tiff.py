@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, absence
 from vesuvius_lab.core.files import atomic_path
 
 
@@ -49,7 +49,7 @@ def read_tiff(path: Path) -> np.ndarray:
         try:
             array = tifffile.imread(path)
         except FileNotFoundError:
-            raise VolumeError(f"{path}: file not found.") from None
+            raise VolumeError(f"{path}: file {absence(path)}.") from None
         except Exception as exc:  # tifffile raises many types for damaged files
             if not logged:
                 raise VolumeError(f"{path}: cannot decode this TIFF ({type(exc).__name__}: {exc}). The file "

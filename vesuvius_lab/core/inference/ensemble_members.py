@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from vesuvius_lab.core.config.spec import EnsembleMember, EnsembleSpec, Experiment
 from vesuvius_lab.core.data.split import make_split
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, brief
 from vesuvius_lab.core.registry import suggest
 from vesuvius_lab.core.runs.folder import Run, effective_state
 
@@ -72,7 +72,7 @@ def _member_spec(run: Run, label: str) -> Experiment:
         spec = Experiment.model_validate(run.read("spec.json"))
     except (ValidationError, ValueError, TypeError) as exc:
         raise UserError(f'ensemble member "{label}": {run.path / "spec.json"} is not a valid experiment record '
-                        f"({str(exc).splitlines()[0]}). Use another run.") from None
+                        f"({brief(exc)}). Use another run.") from None
     if spec.ensemble is not None:
         raise UserError(f'ensemble member "{label}": {run.path} is itself an ensemble. List its members in '
                         "this [ensemble] instead (its test-time average is not an out-of-fold prediction).")

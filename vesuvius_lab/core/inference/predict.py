@@ -11,7 +11,7 @@ import numpy as np
 
 from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.data.tiff import read_volume, write_volume
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, absence
 from vesuvius_lab.core.files import atomic_path
 from vesuvius_lab.core.inference.run_kinds import RunPredictor
 
@@ -22,7 +22,7 @@ def input_volumes(source: Path) -> list[tuple[str, Path]]:
     if source.is_file():
         return [(source.stem, source)]
     if not source.is_dir():
-        raise UserError(f"{source}: no such file or folder. Pass a .tif volume or a folder of them.")
+        raise UserError(f"{source}: {absence(source, 'any')}. Pass a .tif volume or a folder of them.")
     found = sorted(p for p in source.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
     if not found:
         raise UserError(f"{source}: the folder holds no .tif volumes. Point --input at e.g. test_images/.")
@@ -37,15 +37,22 @@ def check_window_fits(spec: Experiment, volume_id: str, shape: tuple[int, ...]) 
                         "every axis. Predict full-size volumes, or use a run with a smaller [inference] window.")
 
 
+#: Where ``vlab predict --probabilities`` puts them, inside the output folder: beside the masks but
+#: not among them, so the output folder is a valid input of ``vlab evaluate`` and the probabilities
+#: folder one of ``vlab postprocess``, each file named ``<id>.tif`` like the masks.
+PROBABILITIES_FOLDER = "probabilities"
+
+
 def predict_files(predictor: RunPredictor, volumes: list[tuple[str, Path]], output: Path, *,
                   probabilities: bool = False) -> Iterator[str]:
-    """Write ``<id>.tif`` masks (and ``<id>_prob.tif`` float16 probabilities); yield each id when done."""
+    """Write ``<id>.tif`` masks (and float16 probabilities as ``probabilities/<id>.tif``); yield each id."""
     for volume_id, path in volumes:
         volume = read_volume(path)
         check_window_fits(predictor.spec, volume_id, volume.shape)
         prob = predictor.probabilities(volume)
         if probabilities:
-            write_volume(output / f"{volume_id}_prob.tif", prob.astype(np.float16), compression="zlib")
+            write_volume(output / PROBABILITIES_FOLDER / f"{volume_id}.tif", prob.astype(np.float16),
+                         compression="zlib")
         write_volume(output / f"{volume_id}.tif", predictor.chain.apply(prob))
         yield volume_id
 

@@ -10,7 +10,9 @@ used and the stamp of the run's ``summary.json`` (rewritten when a run is resume
 again). Changing any of them predicts afresh into a new folder. The *volume key* hashes the
 volume's voxels and shape, so a volume hits the cache whatever its file name or folder, whether
 it comes from ``vlab ensemble`` (validation volumes) or ``vlab predict``/``vlab submit`` (test
-volumes). Entries are written atomically. Delete ``probabilities/`` to reclaim the space.
+volumes). Entries are written atomically with a checksum beside them and verified when read
+(:mod:`vesuvius_lab.core.array_cache`; values must be finite and in [0, 1]): a damaged entry is
+predicted again. Delete ``probabilities/`` to reclaim the space.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 
 from vesuvius_lab.core.config.spec import Experiment, InferenceSpec
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.files import atomic_path
+from vesuvius_lab.core.array_cache import probabilities_problem, read_array, write_array
 from vesuvius_lab.core.runs.folder import Run
 
 CACHE_FOLDER = "probabilities"
@@ -85,7 +87,8 @@ class CachedRun:
         return self.folder / f"{key}.npy"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether a sound entry is cached (a damaged one is deleted here, so it is predicted again)."""
+        return self._read(key) is not None
 
     def get(self, volume: np.ndarray, key: str, volume_id: str) -> np.ndarray:
         """float16 (D, H, W) probabilities of ``volume`` (memory-mapped from the cache when stored)."""
@@ -101,10 +104,8 @@ class CachedRun:
         self._predictor = None
 
     def _read(self, key: str) -> np.ndarray | None:
-        try:
-            return np.load(self.path(key), mmap_mode="r")
-        except (FileNotFoundError, ValueError, OSError):
-            return None  # not cached yet, or a damaged entry that is predicted again
+        """The cached entry; None when it is not cached yet, or damaged (deleted, so predicted again)."""
+        return read_array(self.path(key), check=probabilities_problem)
 
     def _predict(self, volume: np.ndarray, key: str, volume_id: str) -> np.ndarray:
         if self._predictor is None:
@@ -115,19 +116,23 @@ class CachedRun:
         probabilities = self._predictor.probabilities(np.asarray(volume))
         check_output(probabilities, volume.shape, f"member {self.label} (model {self.spec.model_label}) predicted "
                      f"volume {volume_id}", "A member must return one surface probability per voxel.")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(key)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, np.asarray(probabilities, dtype=np.float16))
+        write_array(self.path(key), np.asarray(probabilities, dtype=np.float16))
         del probabilities
         self.predictions += 1
         return np.load(self.path(key), mmap_mode="r")
 
 
 def check_output(probabilities: np.ndarray, shape: tuple[int, ...], what: str, fix: str) -> None:
-    """Refuse probabilities that are not one float per voxel of ``shape``: other shapes, extra channels."""
+    """Refuse probabilities that are not one float in [0, 1] per voxel of ``shape``: other shapes, extra
+    channels, NaN or values outside [0, 1] (a diverged model), which would record a wrong score."""
     found = tuple(probabilities.shape)
     if found == tuple(shape) and np.issubdtype(probabilities.dtype, np.floating):
-        return
+        values = probabilities_problem(probabilities)
+        if values is None:
+            return
+        raise UserError(f"{what}: {values}, so it cannot be combined with the other members. A member must "
+                        "predict surface probabilities in [0, 1]; check that run (a diverged model predicts "
+                        "NaN), or leave it out of the ensemble.")
     if len(found) == 4 and found[1:] == tuple(shape):
         problem = f"{found[0]} channels"
     elif not np.issubdtype(probabilities.dtype, np.floating):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.config.experiment import LoadedExperiment, Problem
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment
@@ -82,7 +83,8 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
 
 
 def _canonical(spec: dict) -> str:
-    return json.dumps(spec, sort_keys=True, default=str)
+    """The spec as compared between runs; [tune] is what `vlab tune` searches later, not how a run trains."""
+    return json.dumps({k: v for k, v in spec.items() if k != "tune"}, sort_keys=True, default=str)
 
 
 def _same_spec_runs(runs_dir: Path, spec: Experiment):
@@ -113,6 +115,7 @@ def resumable_run(runs_dir: Path, spec: Experiment) -> Run | None:
     return None
 
 
+@interrupts.stop_signals()
 def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
              on_start: Callable[[int, Job, Run | None], None] | None = None,
              on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:

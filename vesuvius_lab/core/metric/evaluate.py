@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, absence
 from vesuvius_lab.core.metric.score import IGNORE_LABEL, VolumeScore
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -92,7 +92,8 @@ def score_pair(pair: VolumePair, ignore_label: int | None = IGNORE_LABEL) -> tup
 def _match(pred: Path, label: Path) -> tuple[list[VolumePair], list[str]]:
     for path in (pred, label):
         if not path.exists():
-            raise UserError(f"{path}: no such file or folder. Give two TIFF files or two folders of <id>.tif files.")
+            raise UserError(f"{path}: {absence(path, 'any')}. Give two TIFF files or two folders of <id>.tif "
+                            "files.")
     if pred.is_file() and label.is_file():
         return [VolumePair(pred.stem, pred, label)], []
     if not (pred.is_dir() and label.is_dir()):

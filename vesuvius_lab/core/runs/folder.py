@@ -31,8 +31,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from vesuvius_lab.core.errors import UserError
+from pydantic import ValidationError
+
+from vesuvius_lab.core.config.spec import Experiment
+from vesuvius_lab.core.errors import UserError, brief
 from vesuvius_lab.core.files import write_json_atomic
+
+#: The record of a tuning run (``vlab tune``): its presence makes a run of the kind "tuned".
+TUNING_RECORD = "tuning.json"
 
 PACKAGES = ("vesuvius-lab", "torch", "monai", "segmentation-models-pytorch", "nnunetv2", "numpy")
 
@@ -55,12 +61,14 @@ class Run:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
-    def read(self, name: str, default: Any = None) -> Any:
-        """A JSON record, or ``default`` when it does not exist (yet)."""
+    def read(self, name: str, default: Any = None) -> dict | Any:
+        """A JSON record (always an object), or ``default`` when it does not exist (yet) or is damaged:
+        not JSON, not UTF-8, or JSON that is not an object. Readers never fail on a damaged record."""
         try:
-            return json.loads((self.path / name).read_text())
+            record = json.loads((self.path / name).read_text())
         except (OSError, ValueError):  # missing, being replaced, or not (yet) valid JSON/UTF-8
             return default
+        return record if isinstance(record, dict) else default
 
     def write(self, name: str, data: Any) -> None:
         write_json_atomic(self.path / name, data)
@@ -124,6 +132,17 @@ def open_run(path: Path) -> Run:
     return Run(path.resolve())
 
 
+def read_spec(run: Run) -> Experiment:
+    """The run's resolved experiment, or a clear error when its spec.json is damaged or no longer valid."""
+    try:
+        return Experiment.model_validate(run.read("spec.json"))
+    except (ValidationError, ValueError, TypeError) as exc:
+        problem = brief(exc, 300)
+        raise UserError(f"{run.path / 'spec.json'}: not a valid experiment record ({problem}). The run cannot be "
+                        "resumed or used to predict; train the experiment again (the file may have been edited, "
+                        "or written by another version of vesuvius-lab).") from None
+
+
 def find_runs(runs_dir: Path) -> list[Run]:
     """Every run directory under ``runs_dir`` (hidden folders such as the cache are skipped)."""
     if not runs_dir.is_dir():
@@ -141,18 +160,20 @@ def latest_finished(experiment_dir: Path) -> Run | None:
 def effective_state(run: Run) -> str:
     """The recorded state, except that a "running" run whose process is gone is "killed"."""
     status = run.read("status.json", {})
-    state = status.get("state", "unknown")
+    state = status.get("state")
+    if not isinstance(state, str):
+        return "unknown"
     if state == "running" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
         return "killed"
     return state
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

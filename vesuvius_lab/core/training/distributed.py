@@ -8,12 +8,16 @@ collective has a timeout, so nobody waits forever.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from vesuvius_lab.core import interrupts
 
 #: How long a collective may wait for a missing rank before the others give up.
 COLLECTIVE_TIMEOUT = timedelta(minutes=int(os.environ.get("VLAB_DDP_TIMEOUT_MIN", "10")))
@@ -61,15 +65,29 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_across_ranks(values: dict[str, float], device: str = "cpu") -> dict[str, float]:
+def _collective_device() -> str:
+    """nccl reduces tensors on the GPU only; gloo on the CPU."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average a dict of floats over the ranks (same keys on every rank)."""
     if not dist.is_initialized() or not values:
         return values
     keys = sorted(values)
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return dict(zip(keys, tensor.tolist()))
+
+
+def max_across_ranks(value: int) -> int:
+    """The largest of an int over the ranks (e.g. a stop signal that reached only some of them)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def broadcast_object(obj: Any) -> Any:
@@ -90,11 +108,31 @@ class RankFailed(RuntimeError):
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
-    """Run ``fn(rank, nproc, port, *args)`` in ``nproc`` processes; one failing stops them all."""
+    """Run ``fn(rank, nproc, port, *args)`` in ``nproc`` processes; one failing stops them all.
+
+    SIGINT and SIGTERM sent to this process are passed on to the ranks, which stop together at a step
+    boundary and exit with 128 + the signal; this process then raises :class:`interrupts.Interrupted`.
+    """
     import torch.multiprocessing as mp
 
+    context = mp.start_processes(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=False,
+                                 start_method="spawn")
+
+    def forward(signum: int, _frame) -> None:
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    previous = {signum: signal.signal(signum, forward) for signum in interrupts.STOP_SIGNALS} if in_main_thread else {}
     try:
-        mp.spawn(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=True)
+        while not context.join():
+            pass
     except mp.ProcessExitedException as exc:
+        if exc.exit_code in {128 + s for s in interrupts.STOP_SIGNALS}:
+            raise interrupts.Interrupted(exc.exit_code - 128) from None
         raise RankFailed(f"rank {exc.error_index} exited with status {exc.exit_code}; the other ranks were "
                          "stopped", exc.exit_code) from exc
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment
@@ -29,10 +30,12 @@ from vesuvius_lab.core.inference.postprocess import build_chain
 from vesuvius_lab.core.inference.probability_cache import volume_key
 from vesuvius_lab.core.inference.run_kinds import load_run
 from vesuvius_lab.core.runs.folder import Run, environment, new_run
-from vesuvius_lab.core.training.summary import write_summary
+from vesuvius_lab.core.runs.lock import RunLock
+from vesuvius_lab.core.runs.summary import write_summary
 from vesuvius_lab.core.training.validation import ValidationResult, validate
 
 
+@interrupts.stop_signals()
 def build_ensemble(loaded: LoadedExperiment, project: Project, *, device: str = "cpu") -> Run:
     """Resolve the members, predict what the cache lacks, combine, score, record; return the run."""
     spec = _resolved(loaded, project)
@@ -42,6 +45,7 @@ def build_ensemble(loaded: LoadedExperiment, project: Project, *, device: str = 
     images = {v: open_volume(dataset.image_path(v), project.cache_dir) for v in volumes}
     keys = {v: volume_key(images[v]) for v in volumes}
     run = _start_run(spec, project, device, members, keys)
+    lock = RunLock(run).acquire()
     started = time.time()
     try:
         predictor = EnsemblePredictor(members, spec.ensemble.combine, load=load_run, device=device)
@@ -62,6 +66,8 @@ def build_ensemble(loaded: LoadedExperiment, project: Project, *, device: str = 
     except BaseException as exc:
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        lock.release()
     return run
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vesuvius_lab.core import checkpoint
+from vesuvius_lab.core import checkpoint, interrupts
 from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
 from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
@@ -33,14 +33,40 @@ from vesuvius_lab.core.inference.postprocess import build_chain
 from vesuvius_lab.core.inference.run_kinds import build_model, run_kind
 from vesuvius_lab.core.inference.stitch_merge import merge_stitched
 from vesuvius_lab.core.models import count_parameters
-from vesuvius_lab.core.runs.folder import Run, environment, new_run, open_run
+from vesuvius_lab.core.runs.folder import Run, environment, new_run, open_run, read_spec
+from vesuvius_lab.core.runs.lock import RunLock
 from vesuvius_lab.core.training import distributed
-from vesuvius_lab.core.training.summary import write_summary
+from vesuvius_lab.core.runs.summary import write_summary
 from vesuvius_lab.core.training.validation import ValidationResult, validate
 
 
 class NonFiniteLoss(UserError):
     pass
+
+
+@dataclass
+class EpochSums:
+    """The running sums of an epoch's loss terms; saved in a checkpoint taken inside an epoch, so the
+    resumed epoch's record averages over all its iterations."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
+    time_s: float = 0.0  # training time of the epoch before this process took it up
+
+    def add(self, terms: dict) -> None:
+        for name, value in terms.items():
+            self.values[name] = self.values.get(name, 0.0) + float(value)
+        self.iterations += 1
+
+    def until_now(self, started: float) -> "EpochSums":
+        return EpochSums(dict(self.values), self.iterations, self.time_s + time.time() - started)
+
+    def to_dict(self) -> dict:
+        return {"values": dict(self.values), "iterations": self.iterations, "time_s": self.time_s}
+
+    @classmethod
+    def from_dict(cls, record: dict | None) -> "EpochSums | None":
+        return cls(dict(record["values"]), int(record["iterations"]), float(record["time_s"])) if record else None
 
 
 @dataclass
@@ -67,12 +93,23 @@ def resolve_device(setting: str) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+@interrupts.stop_signals()
 def train(loaded: LoadedExperiment | None, project: Project, *, nproc: int | None = None,
           resume: Path | None = None) -> Run:
-    """Train one experiment (one fold) and return its run; ``resume`` continues a run from ``last``."""
+    """Train one experiment (one fold) and return its run; ``resume`` continues a run from ``last``.
+
+    The run's lock is held until training ends, so no other process writes it meanwhile."""
+    with ExitStack() as held:
+        return _train(loaded, project, nproc, resume, held)
+
+
+def _train(loaded: LoadedExperiment | None, project: Project, nproc: int | None, resume: Path | None,
+           held: ExitStack) -> Run:
     if resume is not None:
         run = open_run(resume)
-        spec = Experiment.model_validate(run.read("spec.json"))
+        if distributed.is_main():
+            held.enter_context(RunLock(run))  # before anything is read or written
+        spec = read_spec(run)
         if nproc:
             spec = spec.model_copy(update={"train": spec.train.model_copy(update={"nproc": nproc})})
     else:
@@ -91,6 +128,7 @@ def train(loaded: LoadedExperiment | None, project: Project, *, nproc: int | Non
         distributed.init(int(os.environ["RANK"]), world_size, _rank_device(device, int(os.environ.get("LOCAL_RANK", 0))))
     if run is None and distributed.is_main():
         run = _start_run(spec, project, device, world_size)
+        held.enter_context(RunLock(run))
     run = Run(Path(distributed.broadcast_object(str(run.path) if run else None)))
     setup = Setup(spec, run.path, project.runs_dir, project.cache_dir, device, split, resume is not None)
     if distributed.is_main():
@@ -114,9 +152,10 @@ def train(loaded: LoadedExperiment | None, project: Project, *, nproc: int | Non
                 raise UserError(error) if error and exc.exit_code == 2 else exc
         else:
             _rank_main(0, 1, None, setup)
-    except KeyboardInterrupt:
-        run.set_status("interrupted")
-        err.print(f"[yellow]Interrupted.[/] Resume with: vlab train --resume {run.path}")
+    except KeyboardInterrupt as exc:
+        if distributed.is_main():
+            run.set_status("interrupted", signal=str(exc) or "SIGINT")
+            err.print(f"[yellow]Interrupted.[/] Resume with: vlab train --resume {run.path}")
         raise
     except BaseException as exc:
         if distributed.is_main() and (run.read("status.json") or {}).get("state") == "running":
@@ -154,7 +193,8 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     distributed.init(rank, world_size, device, port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
-        Trainer(setup, rank, world_size, device).fit()
+        with interrupts.stop_signals():
+            Trainer(setup, rank, world_size, device).fit()
     except UserError as exc:
         if world_size == 1:
             raise
@@ -162,6 +202,10 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
         if rank == 0:
             Run(setup.run_path).set_status("failed", error=str(exc))
         raise SystemExit(2)
+    except KeyboardInterrupt as exc:
+        if world_size == 1 or distributed.launched_by_torchrun():
+            raise
+        raise SystemExit(getattr(exc, "exit_code", 130))  # the parent turns this status back into Interrupted
     finally:
         distributed.shutdown()
 
@@ -184,6 +228,7 @@ class Trainer:
         self.amp_dtype = _amp_dtype(self.spec.train.amp, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16 and device.startswith("cuda"))
         self.start_epoch, self.best_score, self.best_epoch = 0, -math.inf, None
+        self.start_iteration, self.partial = 0, None  # where a resume continues inside an epoch
         if setup.resume:
             self._restore()
         self.ddp_model = self.model
@@ -194,11 +239,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _state(self, epoch: int) -> dict:
+    def _state(self, epoch: int, partial: EpochSums | None = None) -> dict:
+        """The checkpoint after ``epoch`` is complete, or, with ``partial``, in the middle of epoch + 1:
+        a resume continues at ``resume_at`` = (epoch index, iteration) with the same schedule."""
+        resume_at = (epoch + 1, 0) if partial is None else (epoch + 1, partial.iterations)
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": epoch, "best_score": self.best_score, "best_epoch": self.best_epoch,
+            "epoch": epoch, "resume_at": list(resume_at), "partial_epoch": partial.to_dict() if partial else None,
+            "best_score": self.best_score, "best_epoch": self.best_epoch,
             "rng_torch": torch.get_rng_state(), "model_plugin": self.spec.model.plugin,
             "model_params": self.spec.model.params, "experiment": self.spec.name,
         }
@@ -211,12 +260,16 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_torch"])
-        self.start_epoch, self.best_score, self.best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
-        _log(self.run, f"resuming after epoch {state['epoch'] + 1} (best score so far {self.best_score:.4f})")
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.start_epoch, self.start_iteration = state.get("resume_at") or (state["epoch"] + 1, 0)
+        self.partial = EpochSums.from_dict(state.get("partial_epoch"))
+        where = f"after epoch {self.start_epoch}" if not self.start_iteration else \
+            f"in epoch {self.start_epoch + 1} at iteration {self.start_iteration + 1}"
+        _log(self.run, f"resuming {where} (best score so far {self.best_score:.4f})")
 
-    def _save(self, name: str, epoch: int) -> None:
+    def _save(self, name: str, epoch: int, partial: EpochSums | None = None) -> None:
         if self.rank == 0:
-            checkpoint.save(self.run.checkpoints / f"{name}.pt", self._state(epoch))
+            checkpoint.save(self.run.checkpoints / f"{name}.pt", self._state(epoch, partial))
 
     # ------------------------------------------------------------------ loop
 
@@ -226,8 +279,9 @@ class Trainer:
             _log(self.run, f"all {spec.epochs} epochs are done already; nothing to train.")
         batches = self.batches(self.start_epoch)
         started = time.time()
-        done = self.start_epoch - 1  # the last epoch whose record is complete
-        try:
+        # A stop signal is handled at the next step boundary (see core/interrupts.py); a forced
+        # stop (a second Ctrl-C) keeps the last checkpoint saved at such a boundary.
+        with interrupts.deferred():
             for epoch in range(self.start_epoch, spec.epochs):
                 self.run.set_status("running", epoch=epoch + 1) if self.rank == 0 else None
                 record = self._train_epoch(epoch, batches)
@@ -236,14 +290,11 @@ class Trainer:
                 self._save("last", epoch)
                 if self.rank == 0:
                     self.run.append_metrics(record)
-                done = epoch
                 self._print_epoch(record) if self.rank == 0 else None
-        except KeyboardInterrupt:
-            # Keep what the interrupted epoch learned; a resume repeats that epoch's record.
-            self._save("last", done)
-            raise
+                self._stop_if_asked()
         if self.rank == 0:
             self._finish(time.time() - started)
+        distributed.barrier()  # every rank leaves together: none tears down its group while another still talks
 
     def batches(self, start_epoch: int):
         """An endless iterator of training batches. Its workers live as long as it does, so they start
@@ -267,23 +318,36 @@ class Trainer:
     def _train_epoch(self, epoch: int, batches) -> dict:
         spec = self.spec.train
         self.ddp_model.train()
-        sums: dict[str, float] = {}
-        count, started = 0, time.time()
+        first = self.start_iteration if epoch == self.start_epoch else 0  # > 0: resumed inside this epoch
+        sums = (self.partial if first else None) or EpochSums()
+        started = time.time()
         with _progress(self.rank == 0, f"epoch {epoch + 1}/{spec.epochs}", spec.iterations_per_epoch) as advance:
-            for index in range(spec.iterations_per_epoch):
+            advance(advance=first)
+            for index in range(first, spec.iterations_per_epoch):
                 image, label = next(batches)
                 last_of_step = (index + 1) % spec.grad_accum == 0 or index + 1 == spec.iterations_per_epoch
                 loss, terms = self.train_step(image, label, step=last_of_step, where=(epoch, index))
-                for name, value in {"loss": loss, **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-                count += 1
+                sums.add({"loss": loss, **terms})
                 advance(loss=loss.item())
+                if last_of_step and index + 1 < spec.iterations_per_epoch:
+                    self._stop_if_asked(epoch - 1, sums.until_now(started))
         elapsed = time.time() - started
-        means = distributed.mean_across_ranks({k: v / max(count, 1) for k, v in sums.items()})
+        means = distributed.mean_across_ranks({k: v / max(sums.iterations, 1) for k, v in sums.values.items()})
         return {"epoch": epoch + 1, "loss": means.pop("loss"), "loss_terms": means,
                 "lr": self.optimizer.param_groups[0]["lr"],
-                "samples_per_s": count * spec.batch_size * self.world_size / max(elapsed, 1e-9),
-                "time_s": elapsed}
+                "samples_per_s": (spec.iterations_per_epoch - first) * spec.batch_size * self.world_size
+                / max(elapsed, 1e-9),
+                "time_s": sums.time_s + elapsed}
+
+    def _stop_if_asked(self, epoch: int | None = None, partial: EpochSums | None = None) -> None:
+        """At a step boundary: if a stop signal came (to any rank), save ``last`` here and stop."""
+        signum = distributed.max_across_ranks(interrupts.pending() or 0)
+        if not signum:
+            return
+        if partial is not None:  # inside an epoch: save this exact position; at an epoch's end it is saved
+            self._save("last", epoch, partial)
+        distributed.barrier()
+        raise interrupts.Interrupted(signum)
 
     def train_step(self, image: torch.Tensor, label: torch.Tensor, *, step: bool = True,
                    where: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict]:
@@ -454,7 +518,7 @@ class _progress:
 
     def __enter__(self):
         if not self.enabled:
-            return lambda **fields: None
+            return lambda **fields: None  # advance(loss=...) per iteration; advance(advance=n) skips n
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -462,7 +526,7 @@ class _progress:
                                  console=err, transient=True)
         self.progress.start()
         task = self.progress.add_task(self.description, total=self.total, loss=float("nan"))
-        return lambda **fields: self.progress.update(task, advance=1, **fields)
+        return lambda **fields: self.progress.update(task, **{"advance": 1, **fields})
 
     def __exit__(self, *exc):
         if self.enabled:
