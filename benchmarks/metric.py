@@ -1,6 +1,6 @@
 """Time the competition metric on 320^3 pairs and compare it with its peers.
 
-Run: ``.venv/bin/python benchmarks/metric.py [--size 320] [--repeat 3] [--summary FILE]``
+Run: ``.venv/bin/python benchmarks/metric.py [--size 320] [--repeat 3] [--only prepared] [--summary FILE]``
 
 Prints, for a scroll-like pair: the seconds of ``score_volume`` (CPU and wall clock) and the
 CPU seconds of each part (SurfaceDice, VOI, the Betti numbers and the matched counts per
@@ -8,9 +8,12 @@ dimension of the TopoScore); the peers measured in the same run on the same arra
 ``surface_distance`` for SurfaceDice, scikit-image's ``variation_of_information`` for VOI) with
 their values, whether they agree and the ratio of CPU times; the peak memory of a process that
 scores the volume; and the numba compile time of a first call without a cache, then with it.
-Then the same timings for a tunnel-heavy pair mirrored from a conformance case. Everything runs
-on one core. The machine may be shared: CPU seconds are the steadier figure when the load
-average is high.
+Then the same timings for a tunnel-heavy pair mirrored from a conformance case. Then, for both
+pairs, a label prepared once for many trials (``PreparedLabel``): the one-time ``from_label``,
+``score`` per trial against a plain ``score_volume`` in the same run (ratio = plain / prepared),
+whether the two results are equal, and the prepared label's size. ``--only prepared`` runs that
+part alone. Everything runs on one core. The machine may be shared: CPU seconds are the steadier
+figure when the load average is high.
 """
 
 from __future__ import annotations
@@ -184,6 +187,54 @@ print(before, peak_mib())
 """
 
 
+def time_prepared(pred, label, repeat: int, pair: str) -> tuple[list[dict], dict]:
+    """A label prepared once, then scored per trial, against ``score_volume`` in the same run."""
+    import pickle
+
+    from vesuvius_lab.core.metric.prepared import PreparedLabel
+    from vesuvius_lab.core.metric.score import score_volume
+
+    crop = tuple(slice(0, min(n, 32)) for n in label.shape)
+    PreparedLabel.from_label(label[crop]).score(pred[crop])  # load the compiled kernels first
+    with Clock() as once:
+        prepared = PreparedLabel.from_label(label)
+    prepared.score(pred)  # the first trial allocates the work arrays it keeps
+    trial, plain = None, None
+    parts: dict[str, float] = {}
+    for _ in range(repeat):  # interleaved, so that both see the same load
+        timings: dict[str, float] = {}
+        with Clock() as clock:
+            got = prepared.score(pred, timings=timings)
+        if trial is None or clock.cpu < trial.cpu:
+            trial, parts = clock, timings
+        with Clock() as clock:
+            want = score_volume(pred, label)
+        if plain is None or clock.cpu < plain.cpu:
+            plain = clock
+    equal = got == want
+    verdict = "equal" if equal else "DIFFER"
+    mib, pickled = prepared.nbytes / 2**20, len(pickle.dumps(prepared)) / 2**20
+    chains = sum(tile.chains is not None for tile in prepared.tiles)
+    print(f"\nprepared label, {pair} (best of {repeat} by CPU; ratio = score_volume / prepared score):")
+    print(f"  from_label (once)        {once.cpu:6.2f} s CPU  {once.wall:6.2f} s wall")
+    print(f"  score per trial          {trial.cpu:6.2f} s CPU  {trial.wall:6.2f} s wall   "
+          f"score_volume {plain.cpu:5.2f} s CPU   x{plain.cpu / trial.cpu:.1f}   results {verdict}")
+    print("  per trial, CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    print(f"  prepared label: {mib:.0f} MiB in memory, {pickled:.0f} MiB pickled; "
+          f"label tunnel chains on {chains} of {len(prepared.tiles)} tiles; "
+          f"break-even after {once.cpu / max(plain.cpu - trial.cpu, 1e-9):.1f} trials")
+    rows = [
+        _summary.row("metric", f"PreparedLabel.score per trial, {pair}", trial.cpu, "s CPU", peer=plain.cpu,
+                     peer_name="score_volume (same run)",
+                     note=f"results {verdict}; from_label {once.cpu:.2f} s CPU once; best of {repeat}"),
+        _summary.row("metric", f"PreparedLabel memory, {pair}", mib, "MiB", note=f"{pickled:.0f} MiB pickled"),
+    ]
+    summary = {"from_label_cpu_s": round(once.cpu, 3), "score_cpu_s": round(trial.cpu, 3),
+               "score_volume_cpu_s": round(plain.cpu, 3), "equal": bool(equal), "mib": round(mib, 1),
+               "parts_cpu_s": {k: round(v, 3) for k, v in parts.items()}}
+    return rows, summary
+
+
 def run_child(code: str, *args: str, env: dict | None = None) -> str:
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env={**os.environ, **(env or {})},
                             capture_output=True, text=True, check=True)
@@ -203,9 +254,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320, help="side of the cubic test volume")
     parser.add_argument("--repeat", type=int, default=3, help="runs of ours; the fastest (CPU) is shown")
+    parser.add_argument("--only", choices=["prepared"], help="run only this part: the prepared label")
     _summary.add_argument(parser)
     args = parser.parse_args()
     rows = []
+    if args.only == "prepared":
+        from vesuvius_lab.core.metric.score import score_volume
+
+        print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+        pred, label = scroll_pair(args.size)
+        score_volume(pred[:32, :32, :32], label[:32, :32, :32])  # load the compiled kernels
+        summary = {}
+        for key, pair, arrays in (("scroll_like", f"scroll-like {args.size}^3 pair", (pred, label)),
+                                  ("tunnel_heavy", f"tunnel-heavy {args.size}^3 pair",
+                                   mirrored_conformance_pair(size=args.size))):
+            part_rows, summary[key] = time_prepared(*arrays, args.repeat, pair)
+            rows += part_rows
+        print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        print(json.dumps({"prepared": summary}))
+        _summary.write(args.summary, rows)
+        return
 
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as cache:
@@ -252,6 +320,12 @@ def main() -> None:
     rows.append(_summary.row("metric", f"score_volume, tunnel-heavy {args.size}^3 pair", t_clock.cpu, "s CPU",
                              note=f"wall {t_clock.wall:.2f} s; conformance case101_02_dust mirrored"))
 
+    prepared = {}
+    for key, pair, arrays in (("scroll_like", f"scroll-like {args.size}^3 pair", (pred, label)),
+                              ("tunnel_heavy", f"tunnel-heavy {args.size}^3 pair", (pred_t, label_t))):
+        part_rows, prepared[key] = time_prepared(*arrays, args.repeat, pair)
+        rows += part_rows
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pair.npz"
         np.savez(path, pred=pred, label=label)
@@ -267,7 +341,7 @@ def main() -> None:
     for key, (c, t) in {"scroll_like": (clock, timings), "tunnel_heavy": (t_clock, t_timings)}.items():
         summary[key] = {"cpu_s": round(c.cpu, 3), "wall_s": round(c.wall, 3),
                         "parts_cpu_s": {k: round(v, 3) for k, v in t.items()}}
-    print(json.dumps({**summary, "peak_mib": round(after), "compile_s": round(cold, 1)}))
+    print(json.dumps({**summary, "peak_mib": round(after), "compile_s": round(cold, 1), "prepared": prepared}))
     _summary.write(args.summary, rows)
 
 

@@ -8,6 +8,11 @@ printed. Target: a few seconds at most per step on 320^3.
     OMP_NUM_THREADS=1 python benchmarks/postprocess.py              # 320^3
     OMP_NUM_THREADS=1 python benchmarks/postprocess.py --size 128   # a quick run
 
+The steps that repair sheets (close, plug_holes, patch_sheets) also run on "holed sheets": a
+scroll-like mask of wavy sheets 3 voxels thick, 16 apart, with holes punched in them. Where a
+library does the same work, its time is printed after ours ("peer"): scipy's binary_closing by
+the same box for close, scikit-image's Hessian eigenvalues (no plate measure) for sheetness.
+
 The last line times the hole stitcher's topology merge judging the voxels a closing proposes.
 """
 
@@ -35,7 +40,39 @@ STEPS = [
     ("erode", {"radius": 1, "iterations": 2}),
     ("median", {}),
     ("median", {"iterations": 2}),
+    ("close", {"radius_depth": 2, "radius_plane": 2}),
+    ("close", {"radius_depth": 2, "radius_plane": 2, "per_component": True}),
+    ("plug_holes", {}),
+    ("patch_sheets", {}),
+    ("sheetness", {"sigmas": [1.5]}),
+    ("sheetness", {"sigmas": [1.0, 2.0], "mode": "replace"}),
+    ("smooth", {"sigma": 1.0}),
+    ("clear_border", {"width": 8}),
 ]
+
+#: Steps also timed on the holed sheets (see the module's docstring).
+ON_SHEETS = {"close", "plug_holes", "patch_sheets"}
+
+
+def scipy_closing(volume: np.ndarray, params: dict) -> np.ndarray:
+    from scipy import ndimage
+
+    box = np.ones((2 * params["radius_depth"] + 1,) + (2 * params["radius_plane"] + 1,) * 2, bool)
+    return ndimage.binary_closing(volume != 0, box)
+
+
+def skimage_hessian_eigenvalues(volume: np.ndarray, params: dict) -> np.ndarray:
+    from skimage.feature import hessian_matrix, hessian_matrix_eigvals
+
+    for sigma in params["sigmas"]:
+        eigenvalues = hessian_matrix_eigvals(hessian_matrix(volume, sigma, mode="nearest",
+                                                            use_gaussian_derivatives=True))
+    return eigenvalues
+
+
+#: name -> (peer's name, the inputs it runs on, function(volume, params)).
+PEERS = {"close": ("scipy binary_closing (box)", ("mask", "holed sheets"), scipy_closing),
+         "sheetness": ("skimage hessian_matrix + eigvals", ("probabilities",), skimage_hessian_eigenvalues)}
 
 
 def synthetic_prediction(size: int, seed: int = 0) -> np.ndarray:
@@ -49,6 +86,31 @@ def synthetic_prediction(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(prob, 0, 1, out=prob)
 
 
+def holed_sheets(size: int, seed: int = 0) -> np.ndarray:
+    """uint8: wavy sheets 3 voxels thick every 16 voxels of depth, with holes of radius 0-4 punched through."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:size, :size, :size]
+    sheets = np.zeros((size, size, size), bool)
+    for centre in range(8, size - 4, 16):
+        sheets |= np.abs(z - centre - 3 * np.sin(x / 25 + centre) * np.cos(y / 40)) <= 1.0
+    for _ in range(size * size // 200):  # about one hole per 200 voxels^2 of a slice, spread over the sheets
+        cz, cy, cx = rng.integers(0, size, 3)
+        radius = rng.integers(0, 5)
+        zs = slice(max(cz - 4, 0), cz + 5)
+        ys, xs = slice(max(cy - radius, 0), cy + radius + 1), slice(max(cx - radius, 0), cx + radius + 1)
+        sheets[zs, ys, xs] &= ((y[:, ys] - cy) ** 2 + (x[..., xs] - cx) ** 2 > radius ** 2)
+    return sheets.astype(np.uint8)
+
+
+def best_time(run, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=320)
@@ -58,20 +120,22 @@ def main() -> None:
     rows = []
     prob = synthetic_prediction(args.size)
     mask = (prob > 0.5).astype(np.uint8)
-    print(f"{args.size}^3, {mask.mean():.1%} of voxels above 0.5")
+    sheets = holed_sheets(args.size)
+    print(f"{args.size}^3, {mask.mean():.1%} of voxels above 0.5; holed sheets: {sheets.mean():.1%} of voxels")
     for name, params in STEPS:
         step = registry.build("postprocessors", name, params, device="cpu", runs_dir=None, threshold=0.5)
-        for label, volume in (("probabilities", prob), ("mask", mask)):
+        inputs = [("probabilities", prob), ("mask", mask)] + ([("holed sheets", sheets)] if name in ON_SHEETS else [])
+        for label, volume in inputs:
             if name == "threshold" and label == "mask":
                 continue
-            best = float("inf")
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                step(volume)
-                best = min(best, time.perf_counter() - start)
-            print(f"{name:24s} {str(params):50s} {label:13s} {best:6.2f} s")
+            best = best_time(lambda: step(volume), args.repeats)
+            peer_name, peer_inputs, peer_run = PEERS.get(name, (None, (), None))
+            peer = best_time(lambda: peer_run(volume, params), 1) if label in peer_inputs else None
+            versus = f"   peer {peer:6.2f} s ({peer_name})" if peer is not None else ""
+            print(f"{name:24s} {str(params):50s} {label:13s} {best:6.2f} s{versus}")
             described = ", ".join(f"{key}={value}" for key, value in params.items())
             rows.append(_summary.row("postprocess", f"{name}({described}) on {label}, {args.size}^3", best, "s",
+                                     peer=peer, peer_name=peer_name if peer is not None else None,
                                      target="a few s at most" if args.size >= 320 else None,
                                      note=f"best of {args.repeats}"))
     rows.append(time_topology_merge(mask, args))

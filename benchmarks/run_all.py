@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "nnunet": (["--n", "6", "--side", "48", "--epochs", "2", "--iterations", "5", "--repeats", "2"],
                ["--n", "4", "--side", "32", "--epochs", "1", "--iterations", "2", "--repeats", "1"]),
     "postprocess": (["--size", "320", "--repeats", "2"], ["--size", "128", "--repeats", "1"]),
+    "tune": (["--size", "320", "--repeats", "2"], ["--size", "128", "--repeats", "1"]),
     "ensemble_memory": (["--size", "320", "--members", "5"], ["--size", "128", "--members", "5"]),
 }
 COLUMNS = ("benchmark", "measure", "ours", "peer", "ratio", "target", "note")

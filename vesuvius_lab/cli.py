@@ -6,7 +6,6 @@ Heavy libraries (torch, MONAI, nnU-Net) are imported inside the commands that ne
 
 from __future__ import annotations
 
-import errno
 import json
 import sys
 import warnings
@@ -17,7 +16,7 @@ from rich.table import Table
 
 from vesuvius_lab import __version__
 from vesuvius_lab.core.console import err, out
-from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.errors import UserError, is_user_os_error, os_error_message
 
 SET_HELP = "Override any experiment key, e.g. --set train.epochs=3 (the value is read as TOML)."
 
@@ -128,7 +127,7 @@ def _print_result(run, label: str) -> None:
 @click.argument("run_dir")
 @click.option("--input", "-i", "source", required=True, type=click.Path(), help="A .tif volume or a folder of them.")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for <id>.tif masks.")
-@click.option("--probabilities", is_flag=True, help="Also write <id>_prob.tif float16 probabilities.")
+@click.option("--probabilities", is_flag=True, help="Also write float16 probabilities, as OUTPUT/probabilities/<id>.tif.")
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
 @click.pass_obj
 def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides):
@@ -164,6 +163,39 @@ def ensemble(obj: ProjectContext, experiment, overrides):
     loaded = load_experiment(experiment, list(overrides))
     run = build_ensemble(loaded, obj.project(), device=_device(obj))
     _print_result(run, f"({loaded.spec.model_label})")
+
+
+@cli.command()
+@click.argument("target", metavar="EXPERIMENT_OR_RUN")
+@click.option("--trials", default=40, show_default=True, type=click.IntRange(1, 100_000),
+              help="Trials per search (the main one and each cross-validation fold).")
+@click.option("--workers", default=None, type=click.IntRange(1, 1024),
+              help="Processes that score the volumes of a trial (default: every core, at most one per volume).")
+@click.option("--storage", default=None, help="An Optuna RDB URL (e.g. postgresql://...), so several machines tune "
+                                              "one study; default SQLite inside the tuning run.")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.pass_obj
+def tune(obj: ProjectContext, target, trials, workers, storage, overrides):
+    """Tune the post-processing chain and threshold of an experiment's [tune] table on the out-of-fold
+    predictions of its trained runs, against the exact competition score.
+
+    \b
+    EXPERIMENT_OR_RUN: an experiment file with a [tune] table (its newest finished fold runs, or
+    for an [ensemble] file its newest ensemble run, are tuned on), or a run. No network runs: each
+    trial re-applies the chain to cached probabilities. Records a run ranked by its
+    cross-validated score, and writes <file>.tuned.toml beside the experiment file. Started again
+    after a kill or Ctrl-C, it continues where it stopped.
+    """
+    import os
+
+    from vesuvius_lab.core.tuning.tuner import tune as run_tuning
+
+    run = run_tuning(target, obj.project(), trials=trials, workers=workers or os.cpu_count() or 1, storage=storage,
+                     device=_device(obj), overrides=list(overrides))
+    record = run.read("tuning.json", {})
+    if record.get("tuned_file"):
+        out.print(f"tuned experiment file: {_escape(record['tuned_file'])}")
+    _print_result(run, "(tuned)")
 
 
 @cli.command()
@@ -349,7 +381,10 @@ def data_check(obj: ProjectContext, root):
     """Check a data folder (default: the project's data root) and report every problem at once."""
     from vesuvius_lab.core.data.dataset import check_dataset
 
-    report = check_dataset(Path(root) if root else obj.project().data_root)
+    project = obj.project()
+    report = check_dataset(Path(root) if root else project.data_root, cache_dir=project.cache_dir)
+    for note in report.notes:
+        err.print(f"[yellow]note[/] {_escape(note)}")
     if not report.ok:
         for problem in report.problems:
             err.print(f"[bold red]error[/] {_escape(problem)}")
@@ -532,23 +567,21 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
     try:
         cli.main(args=argv, prog_name="vlab", standalone_mode=False)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt (Ctrl-C, or SIGTERM) into Abort
+        cause = exc.__cause__
+        err.print("interrupted" if isinstance(cause, KeyboardInterrupt) else "aborted")
+        sys.exit(getattr(cause, "exit_code", 130))
     except click.ClickException as exc:
         exc.show()
         sys.exit(2)
     except UserError as exc:
         err.print(f"[bold red]error:[/] {_escape(str(exc))}")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM in the commands that handle it (interrupts.Interrupted)
         err.print("interrupted")
-        sys.exit(130)
+        sys.exit(getattr(exc, "exit_code", 130))
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if not is_user_os_error(exc):
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        err.print(f"[bold red]error:[/] {_escape(where)}no space left to write ({exc.strerror}). Files are written "
-                  "to a temporary name and renamed when complete, so nothing half-written was left behind. "
-                  "Free some space (or point --runs / --output elsewhere) and run the command again.")
+        err.print(f"[bold red]error:[/] {_escape(os_error_message(exc))}")
         sys.exit(2)

@@ -5,12 +5,14 @@ One package per stage of the pipeline, lowest first; a stage imports only the st
 
 - the root: ``registry`` (the plugin contract), ``errors``, ``files``, ``console``,
   ``checkpoint`` (the checkpoint format), ``backend`` (self-training backends), ``models``
-  (the 2.5D wrapper), ``windows`` (the windows a network takes, for plugins' checks);
+  (the 2.5D wrapper), ``windows`` (the windows a network takes, for plugins' checks), ``array_cache``
+  (checksummed ``.npy`` caches), ``interrupts`` (Ctrl-C and SIGTERM);
 - ``config``: the spec, experiment loading, project settings, sweeps;
 - ``data``: the dataset, TIFF I/O, folds, synthetic scrolls, patch sampling, label damage;
 - ``metric``: the competition score;
 - ``runs``: run folders and their records;
 - ``inference``: sliding windows, opening any run, post-processing, ensembles;
 - ``training``: the trainer, validation, building ensemble runs;
+- ``tuning``: ``vlab tune``, the chain chosen on out-of-fold predictions (beside ``training``);
 - ``launch`` and ``reports``: batches of runs; the leaderboard, compare and pictures.
 """

@@ -17,7 +17,7 @@ Shape3 = tuple[int, int, int]
 
 
 class CorruptionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     """How training inputs are damaged (the arguments of :func:`vesuvius_lab.core.data.corruption.punch_holes`)."""
 
     holes: tuple[int, int] = Field((2, 5), description="Holes per 32^3 voxels (inclusive range).")
@@ -34,8 +34,29 @@ class CorruptionParams(BaseModel):
         return value
 
 
+_RANGE_KEYS = {"low", "high", "log", "step", "choices"}
+
+
+def _is_range(table: dict) -> bool:
+    """A range's keys are among low/high/log/step/choices and none holds a table (``params.low`` does)."""
+    return bool(table) and set(table) <= _RANGE_KEYS and not any(isinstance(v, dict) for v in table.values())
+
+
+def _flatten_ranges(table: dict, prefix: str = "") -> dict:
+    """``a.b = {low = 1, high = 2}`` (TOML reads it as nested tables) -> ``{"a.b": {...}}``."""
+    flat = {}
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and not _is_range(value):
+            flat.update(_flatten_ranges(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf and nan (TOML has both) are no setting's value: refused, not left to diverge a run later.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ProjectSettings(Strict):
@@ -230,6 +251,42 @@ def ensemble_column(table: Any) -> str:
         return "ensemble(?)"
 
 
+class TuneRange(Strict):
+    """One dimension of a ``[tune]`` search space: a range (``low``, ``high``, optional ``log``/``step``)
+    or ``choices``. Integer bounds make an integer dimension."""
+
+    low: float | int | None = Field(None, description="Smallest value tried (with high).")
+    high: float | int | None = Field(None, description="Largest value tried (with low).")
+    log: bool = Field(False, description="Sample on a log scale (low must be > 0).")
+    step: float | int | None = Field(None, gt=0, description="Only multiples of step above low.")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values to choose from, instead of a range.")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self):
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high (with log or step), not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (a range) or choices (a list of values)")
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high (got low = {self.low}, high = {self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log = true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) and not isinstance(v, bool)
+                                            for v in (self.low, self.high, self.step if self.step else 1))
+
+    def probes(self) -> list[Any]:
+        """Values that stand for the whole dimension when the key is validated: its ends, or every choice."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
 def _default_losses() -> list[LossTerm]:
     return [LossTerm(plugin="dice", weight=0.5), LossTerm(plugin="bce", weight=0.5)]
 
@@ -256,6 +313,18 @@ class Experiment(Strict):
         default_factory=dict,
         description='A grid of runs: key path -> values, e.g. "model.params.encoder" = ["resnet18", "resnet34"]. '
                     "`vlab run` trains one experiment per combination, each validated like --set KEY=VALUE.")
+
+    tune: dict[str, TuneRange] = Field(
+        default_factory=dict,
+        description='Search space of `vlab tune`: key path -> range or choices, e.g. "postprocess.0.params.low" = '
+                    '{ low = 0.1, high = 0.5 } or "inference.threshold" = { choices = [0.3, 0.4, 0.5] }. Tuned on '
+                    "the out-of-fold probabilities of the trained runs, against the competition score.")
+
+    @field_validator("tune", mode="before")
+    @classmethod
+    def _dotted_tune_keys(cls, tune: Any) -> Any:
+        """Accept unquoted dotted keys: TOML reads `a.b = { low = 1, high = 2 }` as nested tables."""
+        return _flatten_ranges(tune) if isinstance(tune, dict) else tune
 
     @field_validator("sweep", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""Sweeps: an experiment's ``[sweep]`` grid expanded into one experiment per combination.
+"""Sweeps: an experiment's ``[sweep]`` grid expanded into one experiment per combination; and the
+checks of its ``[tune]`` search space, which are made the same way.
 
 ::
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from vesuvius_lab.core.config.experiment import COMMAND_LINE, LoadedExperiment, Problem, SpecError, load_experiment
+from vesuvius_lab.core.config.text import clip, read_text
 from vesuvius_lab.core.config.tomlpos import key_lines, line_of
 from vesuvius_lab.core.errors import UserError
 
@@ -106,6 +108,9 @@ def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[LoadedExperi
     base = load_experiment(path, overrides)
     sweep = base.spec.sweep
     if not sweep:
+        problems = tune_problems(base, path, overrides)
+        if problems:
+            raise SpecError(problems)
         return [base]
     grid = combinations(sweep)
     if len(grid) > MAX_COMBINATIONS:
@@ -139,10 +144,45 @@ def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[LoadedExperi
         every_value = len(causes) == len({toml_value(v) for v in sweep[key]}) > 1
         for cause in [None] if every_value else causes:  # a problem of the key itself: say it once
             problems.append(dataclasses.replace(_problem_at_sweep(base, key, message if cause is None else
-                                                                  f"{key} = {cause}: {message}"), path=path))
+                                                                  f"{key} = {clip(cause)}: {message}"), path=path))
+    problems.extend(tune_problems(base, path, overrides))
     if problems:
         raise SpecError(list(dict.fromkeys(problems)))
     return expanded
+
+
+#: What `vlab tune` may change: it re-runs the post-processing on cached probabilities, no network.
+TUNABLE_PREFIXES = ("postprocess.", "inference.threshold")
+
+
+def tune_problems(base: LoadedExperiment, path: str | Path, overrides: Iterable[str] = ()) -> list[Problem]:
+    """Problems of the ``[tune]`` table: a key that is not tunable, or a value of its range that the
+    experiment would refuse (each end of a range and every choice is tried as ``--set KEY=VALUE``)."""
+    problems = []
+    for key, dimension in base.spec.tune.items():
+        if not key.startswith(TUNABLE_PREFIXES):
+            problems.append(_problem_at_sweep(base, key, "vlab tune re-runs the post-processing on cached "
+                                              "probabilities, so only postprocess.* keys and inference.threshold "
+                                              "can be tuned. Sweep the others with [sweep].", table="tune"))
+            continue
+        failures: dict[str, list[Any]] = {}  # message -> the probe values that caused it
+        for value in dimension.probes():
+            setting = f"{key}={toml_value(value)}"
+            try:
+                load_experiment(path, [*overrides, "sweep={}", "tune={}", setting])
+            except SpecError as exc:
+                for problem in exc.problems:
+                    if problem.file == f"{COMMAND_LINE} {setting}":
+                        failures.setdefault(problem.message, []).append(value)
+            except UserError as exc:
+                failures.setdefault(str(exc), []).append(value)
+        for message, values in failures.items():
+            if len(values) == len(dimension.probes()) > 1:  # the key itself is wrong, whatever the value
+                problems.append(_problem_at_sweep(base, key, message, table="tune"))
+            else:
+                problems.extend(_problem_at_sweep(base, key, f"{key} = {clip(toml_value(v))}: {message}",
+                                                  table="tune") for v in values)
+    return problems
 
 
 def expand_files(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> tuple[list[LoadedExperiment], list[Problem]]:
@@ -159,26 +199,27 @@ def expand_files(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> 
 
 
 def _show(values: dict[str, Any]) -> str:
-    return ", ".join(f"{key} = {toml_value(value)}" for key, value in values.items())
+    return ", ".join(f"{key} = {clip(toml_value(value))}" for key, value in values.items())
 
 
-def _sweep_line(base: LoadedExperiment, key: str | None) -> tuple[str, int | None]:
-    """The file and line of ``[sweep]`` (or of one of its keys), looking through the extended files too."""
+def _sweep_line(base: LoadedExperiment, key: str | None, table: str = "sweep") -> tuple[str, int | None]:
+    """The file and line of ``[sweep]`` (or ``[tune]``, or of one of its keys), looking through the
+    extended files too."""
     for file in base.files:
         try:
-            lines = key_lines(Path(file).read_text())
-        except OSError:
+            lines = key_lines(read_text(file))
+        except UserError:
             continue
-        if ("sweep",) in lines or any(p[:1] == ("sweep",) for p in lines):
-            path = ("sweep",) if key is None else ("sweep", key)
-            dotted = ("sweep",) if key is None else ("sweep", *key.split("."))
-            return str(file), lines.get(path) or line_of(lines, dotted) or lines.get(("sweep",))
+        if (table,) in lines or any(p[:1] == (table,) for p in lines):
+            path = (table,) if key is None else (table, key)
+            dotted = (table,) if key is None else (table, *key.split("."))
+            return str(file), lines.get(path) or line_of(lines, dotted) or lines.get((table,))
     return str(base.file), None
 
 
-def _problem_at_sweep(base: LoadedExperiment, key: str | None, message: str) -> Problem:
-    file, line = _sweep_line(base, key)
-    return Problem(file, line, "sweep" if key is None else f'sweep."{key}"', message)
+def _problem_at_sweep(base: LoadedExperiment, key: str | None, message: str, table: str = "sweep") -> Problem:
+    file, line = _sweep_line(base, key, table)
+    return Problem(file, line, table if key is None else f'{table}."{key}"', message)
 
 
 def _blame(problems: list[Problem], base: LoadedExperiment, values: dict[str, Any], sets: dict[str, str],

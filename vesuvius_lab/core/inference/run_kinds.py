@@ -12,6 +12,9 @@ Every finished run is one of these kinds, told by its spec and its model plugin:
 ``ensemble``
     an ``[ensemble]`` run: its member runs (of any kind) are opened on demand through this same
     table, and their cached probabilities combined.
+``tuned``
+    a ``vlab tune`` run: the runs it was tuned on (an ensemble run, or the fold runs of an
+    experiment, averaged), opened through this same table, with the tuned chain.
 
 Whatever the kind, :func:`load_run` returns a :class:`RunPredictor`: probabilities per volume and
 the run's post-processing chain. ``vlab predict``, ``vlab submit``, ``vlab report``, ensembles and
@@ -29,10 +32,11 @@ import numpy as np
 from vesuvius_lab.core import checkpoint, registry
 from vesuvius_lab.core.backend import SelfTrainingModel
 from vesuvius_lab.core.config.spec import Experiment
+from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.engine import predict_volume
 from vesuvius_lab.core.inference.ensemble import EnsemblePredictor, read_members
 from vesuvius_lab.core.inference.postprocess import Chain, build_chain
-from vesuvius_lab.core.runs.folder import Run, open_run
+from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run, open_run, read_spec
 
 #: uint8 CT volume (D, H, W) -> float32 surface probabilities (D, H, W)
 Probabilities = Callable[[np.ndarray], np.ndarray]
@@ -96,6 +100,22 @@ def _open_self_training(opening: Opening, model: SelfTrainingModel) -> Probabili
     return model.predict_probabilities
 
 
+def _open_tuned(opening: Opening, _model: None) -> Probabilities:
+    sources = [load_run(Path(path), device=opening.device, overrides=opening.overrides or None,
+                        checkpoint_name=opening.checkpoint_name)
+               for path in opening.run.read(TUNING_RECORD, {}).get("sources", [])]
+    if not sources:
+        raise UserError(f"{opening.run.path}: a tuning run without its source runs in {TUNING_RECORD}; tune again.")
+
+    def probabilities(volume: np.ndarray) -> np.ndarray:
+        total = sources[0].probabilities(volume).astype(np.float32)
+        for source in sources[1:]:
+            total += source.probabilities(volume)
+        return total / len(sources)
+
+    return probabilities
+
+
 def _open_ensemble(opening: Opening, _model: None) -> Probabilities:
     members, scored_ids = read_members(opening.run)
     predictor = EnsemblePredictor(members, opening.spec.ensemble.combine, load=load_run, device=opening.device,
@@ -109,6 +129,7 @@ RUN_KINDS: dict[str, Callable[[Opening, Any], Probabilities]] = {
     "model": _open_module,
     "self_training": _open_self_training,
     "ensemble": _open_ensemble,
+    "tuned": _open_tuned,
 }
 
 
@@ -117,11 +138,14 @@ def load_run(path: Path, *, device: str = "cpu", overrides: dict | None = None,
     """Open a run of any kind to predict with it; ``overrides`` replace ``[inference]`` keys (e.g. tta,
     overlap; for an ensemble, its members')."""
     run = open_run(path)
-    spec = Experiment.model_validate(run.read("spec.json"))
+    spec = read_spec(run)
     if overrides:
         spec = spec.model_copy(update={"inference": spec.inference.model_copy(update=overrides)})
-    model = None if spec.ensemble is not None else build_model(spec)
-    kind = run_kind(spec, model)
+    if (run.path / TUNING_RECORD).is_file():
+        kind, model = "tuned", None
+    else:
+        model = None if spec.ensemble is not None else build_model(spec)
+        kind = run_kind(spec, model)
     opening = Opening(run, spec, device, dict(overrides or {}), checkpoint_name)
     probabilities = RUN_KINDS[kind](opening, model)
     chain = build_chain(spec.postprocess, threshold=spec.inference.threshold, device=device,

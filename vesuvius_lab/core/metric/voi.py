@@ -88,6 +88,13 @@ def voi_split_merge(pred: np.ndarray, label: np.ndarray) -> tuple[float, float]:
     pred_ids = components(pred)
     n_label, n_pred = int(label_ids.max(initial=0)), int(pred_ids.max(initial=0))
     n_both = int(np.count_nonzero(np.logical_and(pred, label)))
+    return split_merge_of_components(label_ids, n_label, pred_ids, n_pred, n_both)
+
+
+def split_merge_of_components(label_ids: np.ndarray, n_label: int, pred_ids: np.ndarray, n_pred: int,
+                              n_both: int) -> tuple[float, float]:
+    """(split, merge) from the component ids of both masks (0 = background, 1..n) and the number of
+    voxels both masks cover; :func:`voi_split_merge` computes them, a prepared label reuses its own."""
     label_sizes, pred_sizes, label_alone, pred_alone, both_label, both_pred = _count_cells(
         label_ids.ravel(), pred_ids.ravel(), n_label, n_pred, n_both)
     covered = int(label_sizes.sum())

@@ -98,6 +98,14 @@ class Row:
         return sorted({r.fold for r in self.records if r.fold is not None})
 
     @property
+    def marker(self) -> str:
+        """How the row's score was made when it is not a trained run's: "tuned, cross-validated", say."""
+        summary = self.records[0].summary
+        if summary.get("kind") != "tuned":
+            return ""
+        return f"tuned, {summary.get('estimate', 'in-sample')}"
+
+    @property
     def commits(self) -> list[str]:
         return list(dict.fromkeys(r.commit for r in self.records if r.commit))
 

@@ -104,7 +104,7 @@ def cell(board: Leaderboard, row: Row, key: str) -> str:
     if key == "commit":
         return ", ".join(row.commits) or DASH
     if key == "experiment":
-        return row.experiment
+        return f"{row.experiment} ({row.marker})" if row.marker else row.experiment
     return format_spec_value(row.value(key))
 
 

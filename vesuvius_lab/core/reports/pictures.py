@@ -172,6 +172,45 @@ def training_curves(path: Path, metrics: Sequence[dict], *, title: str, best_epo
     return _save(fig, path)
 
 
+def tuning_curves(path: Path, trials: Sequence[dict], *, title: str, untuned: float | None = None) -> Path:
+    """One PNG for a ``vlab tune`` run: the score of each trial with the best so far, and one panel per
+    tuned key showing the score against its value (each key's effect)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if isinstance(t.get("score"), (int, float))]
+    keys = list(dict.fromkeys(k for t in done for k in t.get("values", {})))
+    columns = min(3, len(keys) + 1)
+    rows = -(-(len(keys) + 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), layout="constrained", dpi=DPI,
+                             squeeze=False)
+    history = axes[0][0]
+    numbers, scores = [t["number"] for t in done], [t["score"] for t in done]
+    history.scatter(numbers, scores, s=12, color="tab:blue", label="trial")
+    history.plot(numbers, np.maximum.accumulate(scores) if scores else [], color="tab:orange", label="best so far")
+    if untuned is not None:
+        history.axhline(untuned, color="0.5", linestyle="--", linewidth=1, label="untuned")
+    history.set(title="score per trial", xlabel="trial", ylabel="mean score")
+    history.legend(fontsize=8)
+    for ax, key in zip(axes.ravel()[1:], keys):
+        points = [(t["values"][key], t["score"]) for t in done if key in t.get("values", {})]
+        values = [v for v, _ in points]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.scatter(values, [s for _, s in points], s=12, color="tab:green")
+        else:  # choices: one column per choice
+            labels = list(dict.fromkeys(map(str, values)))
+            ax.scatter([labels.index(str(v)) for v in values], [s for _, s in points], s=12, color="tab:green")
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.set(title=key, xlabel="value", ylabel="mean score")
+        ax.title.set_fontsize(9)
+    for ax in axes.ravel()[len(keys) + 1:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
 def _series(metrics: Sequence[dict], pick) -> dict[str, list]:
     """Named series from a dict inside each record (loss terms, step scores), None where absent."""
     names = list(dict.fromkeys(name for m in metrics for name in (pick(m) or {})))

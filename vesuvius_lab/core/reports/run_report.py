@@ -20,7 +20,7 @@ from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.files import write_text_atomic
 from vesuvius_lab.core.inference.run_kinds import load_run
 from vesuvius_lab.core.reports.leaderboard_view import format_count, format_duration
-from vesuvius_lab.core.reports.pictures import training_curves, volume_figure
+from vesuvius_lab.core.reports.pictures import training_curves, tuning_curves, volume_figure
 from vesuvius_lab.core.runs.folder import Run
 from vesuvius_lab.core.runs.records import RunRecord, read_run
 
@@ -48,8 +48,14 @@ def write_report(run: Run, output: Path, *, device: str = "cpu", data_root: Path
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     name = f"{record.experiment} / {run.id}"
-    files = ReportFiles(output / "index.html", training_curves(
-        output / "training.png", run.metrics(), title=f"{name}: training", best_epoch=record.summary.get("best_epoch")))
+    trials = run.read("trials.json", {}).get("trials")
+    if isinstance(trials, list):  # a tuning run: its trials instead of training curves
+        curves = tuning_curves(output / "tuning.png", trials, title=f"{name}: tuning",
+                               untuned=record.summary.get("untuned_score"))
+    else:
+        curves = training_curves(output / "training.png", run.metrics(), title=f"{name}: training",
+                                 best_epoch=record.summary.get("best_epoch"))
+    files = ReportFiles(output / "index.html", curves)
     scores = run.read("scores.json") or {}
     chosen = pick_volumes(scores.get("volumes") or [], volumes) if isinstance(scores, dict) else []
     if chosen:
@@ -153,8 +159,8 @@ def index_html(record: RunRecord, files: ReportFiles, scores: dict) -> str:
 <table><tr><th>volume</th><th>score</th><th>TopoScore</th><th>SurfaceDice</th><th>VOI</th></tr>
 {''.join(volume_rows) or '<tr><td colspan=5>no scores.json yet</td></tr>'}</table>
 {pictures or '<p class="muted">No validation volume pictured (no scored volumes).</p>'}
-<h2>Training</h2>
-<img src="{e(files.curves.name)}" alt="training curves">
+<h2>{e(files.curves.stem.capitalize())}</h2>
+<img src="{e(files.curves.name)}" alt="{e(files.curves.stem)} curves">
 <details><summary>Resolved spec</summary><pre>{spec}</pre></details>
 </body></html>
 """

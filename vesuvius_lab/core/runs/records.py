@@ -21,7 +21,7 @@ from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs, lates
 
 #: Spec keys never shown as differing columns: identity, paths, the fold, and what the plugin
 #: columns already show.
-HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", "model.plugin",
+HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", "tune", "model.plugin",
                     "inference.blend.plugin")
 HIDDEN_SPEC_PATTERNS = (("loss", "plugin"), ("loss", "weight"), ("postprocess", "plugin"))
 
@@ -143,7 +143,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _hidden(key: str) -> bool:
-    if key in HIDDEN_SPEC_KEYS or any(key.startswith(k + ".") for k in ("sweep",)):
+    if key in HIDDEN_SPEC_KEYS or any(key.startswith(k + ".") for k in ("sweep", "tune")):
         return True
     parts = key.split(".")
     return len(parts) == 3 and parts[1].isdigit() and (parts[0], parts[2]) in HIDDEN_SPEC_PATTERNS

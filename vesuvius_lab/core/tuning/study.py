@@ -1,0 +1,88 @@
+"""The search: Optuna (TPE) over a ``[tune]`` space, each trial the mean score of some cases.
+
+Studies live in Optuna storage (SQLite inside the tuning run by default, or any Optuna RDB URL,
+so that several machines can work on one study). Every finished trial is stored at once, so a
+killed or interrupted search resumes with none lost: it runs only the trials still missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from pydantic import ValidationError
+
+from vesuvius_lab.core.config.spec import Experiment, TuneRange
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.tuning.scoring import CaseScorer, ChainSpec
+from vesuvius_lab.core.tuning.space import apply_values, current_values, suggest, values_of
+
+optuna.logging.set_verbosity(logging.WARNING)
+
+
+def chain_of(spec: Experiment) -> ChainSpec:
+    return [step.model_dump(mode="json") for step in spec.postprocess], spec.inference.threshold
+
+
+@dataclass
+class Search:
+    """One study: the space, the spec it changes, and the cases its trials are scored on."""
+
+    name: str
+    space: dict[str, TuneRange]
+    spec: Experiment
+    ids: list[str]
+    storage: str
+    seed: int
+
+    def run(self, scorer: CaseScorer, trials: int, on_trial: Callable[[float | None], None]) -> optuna.Study:
+        """Run the trials this study still lacks; ``on_trial(best score so far)`` after each."""
+        study = optuna.create_study(study_name=self.name, storage=self.storage, direction="maximize",
+                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=self.seed))
+        if not study.trials:  # start from the untuned chain, so the search never ends below it
+            untuned = current_values(self.spec, self.space)
+            if len(untuned) == len(self.space):
+                study.enqueue_trial(untuned, skip_if_exists=True)
+        for _ in range(len(finished(study))):
+            on_trial(best_value(study))
+        missing = trials - len(finished(study))
+        if missing > 0:
+            study.optimize(lambda trial: self.objective(trial, scorer), n_trials=missing, catch=(UserError,),
+                           callbacks=[lambda s, _t: on_trial(best_value(s))])
+        return study
+
+    def objective(self, trial: optuna.Trial, scorer: CaseScorer) -> float:
+        values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
+        try:
+            spec = apply_values(self.spec, values)
+        except ValidationError as exc:  # a combination the steps refuse (e.g. hysteresis low above high)
+            raise UserError(f"trial values {values} refused: {exc.errors()[0]['msg']}") from None
+        scores = scorer.score(chain_of(spec), self.ids)
+        trial.set_user_attr("volumes", {i: s.score for i, s in scores.items()})
+        return float(np.mean([s.score for s in scores.values()]))
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count: complete, or refused by the steps (failed); not the one a kill interrupted."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return [t for t in study.trials if t.state in states]
+
+
+def best_value(study: optuna.Study) -> float | None:
+    complete = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    return max(complete) if complete else None
+
+
+def best_values(study: optuna.Study, space: dict[str, TuneRange]) -> dict[str, Any]:
+    return values_of(study.best_trial.params, space)
+
+
+def trial_records(study: optuna.Study, space: dict[str, TuneRange]) -> list[dict]:
+    """Every trial of a study, for the run's ``trials.json`` and the report's pictures."""
+    return [{"number": t.number, "state": t.state.name, "score": t.value, "values": values_of(t.params, space),
+             "volumes": t.user_attrs.get("volumes", {}),
+             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+             if t.datetime_complete and t.datetime_start else None} for t in study.trials]

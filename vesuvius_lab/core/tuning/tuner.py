@@ -1,0 +1,236 @@
+"""``vlab tune``: search the chain, estimate it honestly, record a run and write the tuned experiment file.
+
+The run, ``runs/<name>-tuned/<run-id>/``, holds like any run ``spec.json`` (the experiment with the
+tuned chain), ``env.json``, ``status.json``, ``scores.json`` and ``summary.json``, and also
+``tuning.json`` (the space, the source runs, the cases, the untuned, in-sample and
+cross-validated scores, the best values), ``trials.json`` (every trial) and ``study.db`` (the
+Optuna storage, unless ``--storage`` names another). Its score is the cross-validated one: for
+each group of volumes, the chain tuned on the other groups scored on that group. Started again
+after a kill or Ctrl-C, ``vlab tune`` continues the same run and the trials it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from vesuvius_lab.core import interrupts
+from vesuvius_lab.core.config.experiment import load_experiment
+from vesuvius_lab.core.config.project import Project
+from vesuvius_lab.core.config.spec import Experiment, TuneRange
+from vesuvius_lab.core.config.sweep import toml_value
+from vesuvius_lab.core.console import err
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.files import write_text_atomic
+from vesuvius_lab.core.metric.score import VolumeScore, mean_scores
+from vesuvius_lab.core.runs.folder import (TUNING_RECORD, Run, effective_state, environment, find_runs, new_run,
+                                           read_spec)
+from vesuvius_lab.core.runs.lock import RunLock
+from vesuvius_lab.core.runs.records import resolve_run
+from vesuvius_lab.core.runs.summary import write_summary
+from vesuvius_lab.core.tuning.cases import Case, gather_cases, source_runs
+from vesuvius_lab.core.tuning.scoring import CaseScorer
+from vesuvius_lab.core.tuning.space import apply_values
+from vesuvius_lab.core.tuning.study import Search, best_values, chain_of, trial_records
+
+TRIALS_FILE = "trials.json"
+RESUMABLE = ("killed", "interrupted")
+
+
+@interrupts.stop_signals()
+def tune(target: str, project: Project, *, trials: int, workers: int, storage: str | None = None,
+         device: str = "cpu", overrides: list[str] = ()) -> Run:
+    """Tune the chain of ``target`` (an experiment file with ``[tune]``, or a run) and return the tuning run."""
+    spec, file, sources = _target(target, project, list(overrides))
+    if not spec.tune:
+        raise UserError(f"{file or target}: no [tune] table, so there is nothing to search. Add one, e.g.\n"
+                        '[tune]\n"inference.threshold" = { low = 0.2, high = 0.7 }\n'
+                        "(see docs/tuning.md).")
+    identity = {"space": _space_record(spec.tune), "sources": [str(run.path) for run in sources]}
+    run = _resumable(project.runs_dir, f"{spec.name}-tuned", identity) or _new_run(spec, project, device)
+    with RunLock(run):
+        return _tune(run, spec, file, sources, identity, project, trials=trials, workers=workers,
+                     storage=storage, device=device)
+
+
+def _tune(run: Run, spec: Experiment, file: Path | None, sources: list[Run], identity: dict, project: Project, *,
+          trials: int, workers: int, storage: str | None, device: str) -> Run:
+    started = time.time()
+    storage = storage or f"sqlite:///{run.path / 'study.db'}"
+    record = {**identity, "target": str(file) if file else None, "trials": trials, "storage": storage,
+              "study": f"{spec.name}-tuned"}
+    run.write(TUNING_RECORD, record)
+    run.set_status("running")
+    try:
+        cases = gather_cases(sources, run.path, project.cache_dir, device)
+        groups = sorted({case.group for case in cases})
+        record["cases"] = [case.to_dict() for case in cases]
+        _log(run, f"tuning {len(spec.tune)} key(s) on {len(cases)} out-of-fold volume(s) in {len(groups)} group(s), "
+                  f"{trials} trial(s) per search")
+        with CaseScorer(cases, ignore_label=spec.data.ignore_label, workers=workers,
+                        runs_dir=project.runs_dir) as scorer, _progress(trials * (1 + len(groups))) as tick:
+            ids = [case.id for case in cases]
+            untuned = scorer.score(chain_of(spec), ids)
+            search = Search(record["study"], spec.tune, spec, ids, storage, spec.train.seed or 0)
+            study = search.run(scorer, trials, lambda best: tick("search", best))
+            best = best_values(study, spec.tune)
+            tuned = apply_values(spec, best)
+            in_sample = scorer.score(chain_of(tuned), ids)
+            held_out, per_group = _cross_validate(search, cases, groups, scorer, trials, tick)
+        record.update(best=best, groups=per_group, untuned=_mean(untuned), in_sample=_mean(in_sample),
+                      cross_validated=_mean(held_out) if held_out else None)
+        _record(run, spec, tuned, record, untuned, in_sample, held_out, study, time.time() - started)
+        if file is not None:
+            record["tuned_file"] = str(write_tuned_file(file, tuned, record, run))
+            run.write(TUNING_RECORD, record)
+    except KeyboardInterrupt as exc:
+        run.set_status("interrupted", signal=str(exc) or "SIGINT")
+        err.print(f"[yellow]Interrupted.[/] Every finished trial is kept; run the same `vlab tune` again to "
+                  f"continue ({run.path}).")
+        raise
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    return run
+
+
+def _cross_validate(search: Search, cases: list[Case], groups: list[int], scorer: CaseScorer, trials: int,
+                    tick) -> tuple[dict[str, VolumeScore], dict[str, Any]]:
+    """For each group: tune on the others, score the chain found on it. Needs two groups at least."""
+    held_out: dict[str, VolumeScore] = {}
+    per_group: dict[str, Any] = {}
+    if len(groups) < 2:
+        return held_out, per_group
+    for group in groups:
+        inside = [c.id for c in cases if c.group != group]
+        outside = [c.id for c in cases if c.group == group]
+        sub = Search(f"{search.name}-cv{group}", search.space, search.spec, inside, search.storage, search.seed)
+        study = sub.run(scorer, trials, lambda best: tick(f"cross-validation {group}", best))
+        best = best_values(study, search.space)
+        scores = scorer.score(chain_of(apply_values(search.spec, best)), outside)
+        held_out.update(scores)
+        per_group[str(group)] = {"volumes": outside, "best": best, "score": _mean(scores)}
+    return held_out, per_group
+
+
+def _record(run: Run, spec: Experiment, tuned: Experiment, record: dict, untuned: dict, in_sample: dict,
+            held_out: dict, study, wall_time: float) -> None:
+    """scores.json (per volume: held out when there is a cross-validation, else in-sample), trials.json,
+    spec.json (the tuned experiment) and summary.json, whose score is the honest one."""
+    final = held_out or in_sample
+    volumes = [{"id": i, **s.to_dict(), "untuned": untuned[i].score, "in_sample": in_sample[i].score}
+               for i, s in final.items()]
+    steps = {"untuned": record["untuned"], "in-sample": record["in_sample"]}
+    if held_out:
+        steps["cross-validated"] = record["cross_validated"]
+    run.write("scores.json", {"epoch": None, "mean": mean_scores(list(final.values())), "volumes": volumes,
+                              "steps": steps})
+    run.write(TRIALS_FILE, {"trials": trial_records(study, spec.tune)})
+    run.write(TUNING_RECORD, record)
+    named = tuned.model_copy(update={"name": f"{spec.name}-tuned",
+                                     "data": tuned.data.model_copy(update={"folds": None})})
+    run.write("spec.json", named.model_dump(mode="json"))
+    write_summary(run, named, wall_time=wall_time, parameters=None, epochs_done=None, best_epoch=None,
+                  kind="tuned", extra={"trials": len(study.trials), "untuned_score": record["untuned"],
+                                       "in_sample_score": record["in_sample"],
+                                       "estimate": "cross-validated" if held_out else "in-sample"})
+    how = (f"cross-validated {record['cross_validated']:.4f}" if held_out else
+           "no cross-validation (one volume)") + f", in-sample {record['in_sample']:.4f}"
+    _log(run, f"untuned {record['untuned']:.4f}; tuned: {how}; best {record['best']}")
+
+
+def write_tuned_file(file: Path, tuned: Experiment, record: dict, run: Run) -> Path:
+    """``<stem>.tuned.toml`` beside ``file``: it extends ``file`` with the tuned chain and threshold."""
+    target = file.with_name(f"{file.stem}.tuned.toml")
+    estimate = f"{record['cross_validated']:.4f}" if record.get("cross_validated") is not None else "n/a"
+    lines = [
+        f"# Tuned by `vlab tune {file.name}` on {datetime.now():%Y-%m-%d %H:%M}: {record['trials']} trials per search",
+        f"# on {len(record['cases'])} out-of-fold volume(s) of {', '.join(Path(s).name for s in record['sources'])}.",
+        f"# Cross-validated score {estimate} (untuned {record['untuned']:.4f} on the same volumes); "
+        f"in-sample best {record['in_sample']:.4f}.",
+        f"# The tuning run: {run.path}",
+        f'extends = "{file.name}"',
+        f"name = {toml_value(tuned.name + '-tuned')}",
+        "",
+        "[inference]",
+        f"threshold = {toml_value(tuned.inference.threshold)}",
+    ]
+    for step in tuned.postprocess:
+        lines += ["", "[[postprocess]]", f"plugin = {toml_value(step.plugin)}",
+                  f"params = {toml_value(step.params)}"]
+    write_text_atomic(target, "\n".join(lines) + "\n")
+    load_experiment(target)  # what was written must load as it says
+    return target
+
+
+# --------------------------------------------------------------------------- the target and the run
+
+
+def _target(target: str, project: Project, overrides: list[str]) -> tuple[Experiment, Path | None, list[Run]]:
+    """(resolved spec with its [tune], the experiment file if one was given, the runs to tune on)."""
+    path = Path(target)
+    if path.suffix == ".toml" and path.is_file():
+        spec = project.resolve(load_experiment(path, overrides).spec)
+        return spec, path, source_runs(spec, project.runs_dir)
+    run = resolve_run(target, project.runs_dir)
+    spec = read_spec(run)
+    return spec, None, [run] if spec.ensemble is not None else source_runs(spec, project.runs_dir)
+
+
+def _space_record(space: dict[str, TuneRange]) -> dict:
+    return {key: dimension.model_dump(mode="json", exclude_defaults=True) for key, dimension in space.items()}
+
+
+def _resumable(runs_dir: Path, name: str, identity: dict) -> Run | None:
+    """The newest killed or interrupted tuning run of the same space and sources, to continue."""
+    for run in sorted(find_runs(runs_dir), key=lambda r: r.id, reverse=True):
+        recorded = run.read(TUNING_RECORD, {})
+        if run.experiment == name and effective_state(run) in RESUMABLE and \
+                json.dumps({k: recorded.get(k) for k in identity}, sort_keys=True) == json.dumps(identity, sort_keys=True):
+            _log(run, f"continuing {run.path}")
+            return run
+    return None
+
+
+def _new_run(spec: Experiment, project: Project, device: str) -> Run:
+    run = new_run(project.runs_dir, f"{spec.name}-tuned", spec.data.fold)
+    run.write("spec.json", spec.model_copy(update={"name": f"{spec.name}-tuned"}).model_dump(mode="json"))
+    run.write("env.json", environment(seed=spec.train.seed or 0, world_size=1, device=device, cwd=project.root))
+    (run.path / "metrics.jsonl").touch()
+    _log(run, f"run {run.path}")
+    return run
+
+
+class _progress:
+    """One bar over every trial of every search, with the best score of the current search."""
+
+    def __init__(self, total: int):
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=err,
+                                 transient=True)
+        self.task = self.progress.add_task("tuning", total=total, best="—")
+
+    def __enter__(self):
+        self.progress.start()
+        return self.tick
+
+    def tick(self, stage: str, best: float | None) -> None:
+        self.progress.update(self.task, advance=1, description=stage, best="—" if best is None else f"{best:.4f}")
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+def _log(run: Run, message: str) -> None:
+    err.print(message, highlight=False, markup=False)
+    run.log(message)
+
+
+def _mean(scores: dict[str, VolumeScore]) -> float:
+    return float(np.mean([s.score for s in scores.values()]))
