@@ -86,13 +86,20 @@ def synthetic_prediction(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(prob, 0, 1, out=prob)
 
 
-def holed_sheets(size: int, seed: int = 0) -> np.ndarray:
-    """uint8: wavy sheets 3 voxels thick every 16 voxels of depth, with holes of radius 0-4 punched through."""
-    rng = np.random.default_rng(seed)
+def wavy_sheets(size: int) -> np.ndarray:
+    """bool: wavy sheets 3 voxels thick every 16 voxels of depth."""
     z, y, x = np.ogrid[:size, :size, :size]
     sheets = np.zeros((size, size, size), bool)
     for centre in range(8, size - 4, 16):
         sheets |= np.abs(z - centre - 3 * np.sin(x / 25 + centre) * np.cos(y / 40)) <= 1.0
+    return sheets
+
+
+def holed_sheets(size: int, seed: int = 0) -> np.ndarray:
+    """uint8: :func:`wavy_sheets` with holes of radius 0-4 punched through."""
+    rng = np.random.default_rng(seed)
+    _, y, x = np.ogrid[:size, :size, :size]
+    sheets = wavy_sheets(size)
     for _ in range(size * size // 200):  # about one hole per 200 voxels^2 of a slice, spread over the sheets
         cz, cy, cx = rng.integers(0, size, 3)
         radius = rng.integers(0, 5)

@@ -20,7 +20,7 @@ import time
 
 import _summary
 import numpy as np
-from postprocess import holed_sheets
+from postprocess import holed_sheets, wavy_sheets
 from scipy import ndimage
 
 from vesuvius_lab.core.inference.postprocess import build_chain
@@ -38,9 +38,7 @@ CHAIN = [{"plugin": "threshold", "params": {"low": 0.3, "high": 0.6}},
 def volumes(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[:size, :size, :size]
-    sheets = np.zeros((size, size, size), bool)
-    for centre in range(8, size - 4, 16):
-        sheets |= np.abs(z - centre - 3 * np.sin(x / 25 + centre) * np.cos(y / 40)) <= 1.0
+    sheets = wavy_sheets(size)
     label = sheets.astype(np.uint8)
     for cz, cy, cx in rng.integers(0, size, (3, 3)):  # unlabelled blobs, and a border at every face
         label[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < (size // 6) ** 2] = 2

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vesuvius_lab.core.metric.betti_kernels import find_root, link_roots
+from vesuvius_lab.core.metric.betti_kernels import join_classes
 
 
 @njit(cache=True)
@@ -87,17 +87,10 @@ def matched_dim0_runs(fg_a, fg_b, union_labels, n_union):
                         if label and other_label:
                             continue
                         other = other_label - 1 if other_label else n_union + other_c
-                    root_a = find_root(parent, node)
-                    root_b = find_root(parent, other)
-                    if root_a == root_b:
-                        continue
-                    tag_a, tag_b = tags[root_a], tags[root_b]
-                    if tag_a == 3 and tag_b == 3:
-                        matched += 1
-                    classes_with_a -= (tag_a & 1) & (tag_b & 1)
-                    classes_with_b -= (tag_a >> 1) & (tag_b >> 1)
-                    root = link_roots(parent, rank, root_a, root_b)
-                    tags[root] = tag_a | tag_b
+                    joined, with_a, with_b = join_classes(parent, rank, tags, node, other)
+                    matched += joined
+                    classes_with_a -= with_a
+                    classes_with_b -= with_b
     return matched
 
 

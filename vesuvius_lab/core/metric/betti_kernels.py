@@ -38,6 +38,21 @@ def link_roots(parent, rank, root_a, root_b):
 
 
 @njit(cache=True)
+def join_classes(parent, rank, tags, a, b):
+    """Join the classes of ``a`` and ``b`` (tag bit 1: holds an element of the first volume, bit 2: of
+    the second). Returns (1 when a class of both met another of both, 1 when two classes of the first
+    volume became one, the same for the second); (0, 0, 0) when they were one class already."""
+    root_a = find_root(parent, a)
+    root_b = find_root(parent, b)
+    if root_a == root_b:
+        return 0, 0, 0
+    tag_a, tag_b = tags[root_a], tags[root_b]
+    root = link_roots(parent, rank, root_a, root_b)
+    tags[root] = tag_a | tag_b
+    return int(tag_a == 3 and tag_b == 3), int((tag_a & 1) & (tag_b & 1)), int((tag_a >> 1) & (tag_b >> 1))
+
+
+@njit(cache=True)
 def euler_characteristic(fg):
     """V - E + S - Q of the complex of cells whose corners are all foreground (fg: uint8 3D)."""
     n0, n1, n2 = fg.shape
@@ -113,17 +128,10 @@ def matched_dim0(fg_a, fg_b, union_labels, n_union, parent):
                     if label and other_label:
                         continue  # both endpoints in the union: already one class
                     other = other_label - 1 if other_label else n_union + other_lin
-                    root_a = find_root(parent, node)
-                    root_b = find_root(parent, other)
-                    if root_a == root_b:
-                        continue
-                    tag_a, tag_b = tags[root_a], tags[root_b]
-                    if tag_a == 3 and tag_b == 3:
-                        matched += 1
-                    classes_with_a -= (tag_a & 1) & (tag_b & 1)
-                    classes_with_b -= (tag_a >> 1) & (tag_b >> 1)
-                    root = link_roots(parent, rank, root_a, root_b)
-                    tags[root] = tag_a | tag_b
+                    joined, with_a, with_b = join_classes(parent, rank, tags, node, other)
+                    matched += joined
+                    classes_with_a -= with_a
+                    classes_with_b -= with_b
     return matched
 
 

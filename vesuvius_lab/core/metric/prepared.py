@@ -47,6 +47,7 @@ from vesuvius_lab.core.metric.betti import (DIMENSIONS, BettiCounts, _Background
                                             tile_slices, timed)
 from vesuvius_lab.core.metric.score import (IGNORE_LABEL, SURFACE_DICE_WEIGHT, SURFACE_TOLERANCE, TOPO_WEIGHT,
                                             VOI_WEIGHT, VolumeScore, topo_score, voi_score)
+from vesuvius_lab.core.metric.surface_dice import near_surface
 
 # --------------------------------------------------------------------------- SurfaceDice halves
 
@@ -99,21 +100,14 @@ def _near_bits(shape, surface_index, offsets):
 def _label_overlap(surface_index, surface_codes, other_codes, areas, offsets):
     """The label half of ``_surface_overlap``: area of the label elements with prediction surface
     within the offsets (same order, same early stop)."""
-    n0, n1, n2 = other_codes.shape
+    _, n1, n2 = other_codes.shape
     overlap = 0.0
     for i in range(surface_index.size):
         index = surface_index[i]
         x, rest = divmod(index, n1 * n2)
         y, z = divmod(rest, n2)
-        area = areas[surface_codes[i]]
-        for j in range(offsets.shape[0]):
-            ox, oy, oz = x + offsets[j, 0], y + offsets[j, 1], z + offsets[j, 2]
-            if ox < 0 or oy < 0 or oz < 0 or ox >= n0 or oy >= n1 or oz >= n2:
-                continue
-            other = other_codes[ox, oy, oz]
-            if other != 0 and other != 255:
-                overlap += area
-                break
+        if near_surface(other_codes, x, y, z, offsets):
+            overlap += areas[surface_codes[i]]
     return overlap
 
 

@@ -54,6 +54,20 @@ def _corner_codes(mask):
 
 
 @njit(cache=True)
+def near_surface(other_codes, x, y, z, offsets) -> bool:
+    """Whether a surface element of ``other_codes`` lies at one of the offsets from corner (x, y, z)."""
+    n0, n1, n2 = other_codes.shape
+    for i in range(offsets.shape[0]):
+        ox, oy, oz = x + offsets[i, 0], y + offsets[i, 1], z + offsets[i, 2]
+        if ox < 0 or oy < 0 or oz < 0 or ox >= n0 or oy >= n1 or oz >= n2:
+            continue
+        other = other_codes[ox, oy, oz]
+        if other != 0 and other != 255:
+            return True
+    return False
+
+
+@njit(cache=True)
 def _surface_overlap(codes, other_codes, areas, offsets):
     """(area of the surface in ``codes``, area of it within the offsets of the other surface)."""
     n0, n1, n2 = codes.shape
@@ -67,14 +81,8 @@ def _surface_overlap(codes, other_codes, areas, offsets):
                     continue
                 area = areas[code]
                 total += area
-                for i in range(offsets.shape[0]):
-                    ox, oy, oz = x + offsets[i, 0], y + offsets[i, 1], z + offsets[i, 2]
-                    if ox < 0 or oy < 0 or oz < 0 or ox >= n0 or oy >= n1 or oz >= n2:
-                        continue
-                    other = other_codes[ox, oy, oz]
-                    if other != 0 and other != 255:
-                        overlap += area
-                        break
+                if near_surface(other_codes, x, y, z, offsets):
+                    overlap += area
     return total, overlap
 
 
