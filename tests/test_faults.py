@@ -258,3 +258,22 @@ def test_a_file_size_limit_hit_by_numpy_or_torch_is_a_message(limit, writer, syn
     suffix = ".npy" if "numpy" in writer else ".pt"
     assert suffix in message
     assert not [p for p in runs.rglob(f"*{suffix}*") if p.name.startswith(".")]  # no temporary left behind
+
+
+FORKED_POOL = textwrap.dedent("""
+    import multiprocessing
+    from vesuvius_lab.core import interrupts
+    with interrupts.stop_signals():
+        for _ in range(5):
+            with multiprocessing.get_context("fork").Pool(2) as pool:  # leaving it terminates the workers
+                assert pool.map(abs, range(-20, 20)) == [abs(i) for i in range(-20, 20)]
+    print("done", flush=True)
+""")
+
+
+def test_processes_forked_while_the_handlers_are_installed_die_on_sigterm_as_before():
+    """A pool (nnU-Net's preprocessing, say) terminates its workers with SIGTERM: they must die, not raise
+    Interrupted while holding the pool's queue lock, which hangs the pool."""
+    result = subprocess.run([sys.executable, "-c", FORKED_POOL], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "done" in result.stdout, result.stderr
+    assert "Traceback" not in result.stderr

@@ -10,11 +10,14 @@ atomically, so nothing half-written is left.
 
 The handlers are installed explicitly, so the behaviour does not depend on how the process was
 started: a background job inherits SIGINT as *ignored*, and Python then never raises
-KeyboardInterrupt by itself.
+KeyboardInterrupt by itself. Processes forked while they are installed (multiprocessing pools,
+e.g. nnU-Net's preprocessing, and data-loader workers) behave as if they were not: a pool that
+terminates its workers with SIGTERM must see them die, not raise in the middle of a queue.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -44,12 +47,17 @@ class _State:
     deferring = False  # inside the trainer loop: stop at the next step boundary
     pending: int | None = None  # the signal received while deferring
     received_at = 0.0
+    owner: int | None = None  # the process that installed the handlers
+    outer: dict = {}  # the handlers they replaced, for the processes forked from it
 
 
 _state = _State()
 
 
-def _handle(signum: int, _frame) -> None:
+def _handle(signum: int, frame) -> None:
+    if os.getpid() != _state.owner:
+        _as_before(signum, frame)  # a forked child (a pool or loader worker): behave as if never installed
+        return
     if _state.deferring:
         if _state.pending is None:
             _state.pending, _state.received_at = signum, time.monotonic()
@@ -61,6 +69,17 @@ def _handle(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
+def _as_before(signum: int, frame) -> None:
+    """What the process did before the handlers were installed: terminate (a pool terminating its
+    workers relies on it), ignore, or call the earlier handler (e.g. Python's KeyboardInterrupt)."""
+    before = _state.outer.get(signum, signal.SIG_DFL)
+    if callable(before):
+        before(signum, frame)
+    elif before != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 @contextmanager
 def stop_signals() -> Iterator[None]:
     """Handle SIGINT and SIGTERM as described above while the block runs (main thread only)."""
@@ -68,11 +87,16 @@ def stop_signals() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, _handle) for signum in STOP_SIGNALS}
+    outermost = _state.owner != os.getpid()
+    if outermost:
+        _state.owner, _state.outer = os.getpid(), dict(previous)
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if outermost:
+            _state.owner = None
 
 
 @contextmanager
