@@ -69,6 +69,17 @@ def _handle(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def _forget_in_child() -> None:
+    """Right after a fork: give the child the handlers it would have had, so that the kernel's default
+    (terminate) applies to it again before any of its code runs."""
+    if _state.owner is not None and threading.current_thread() is threading.main_thread():
+        for signum, handler in _state.outer.items():
+            signal.signal(signum, handler)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _as_before(signum: int, frame) -> None:
     """What the process did before the handlers were installed: terminate (a pool terminating its
     workers relies on it), ignore, or call the earlier handler (e.g. Python's KeyboardInterrupt)."""
