@@ -33,7 +33,7 @@ constraints:
 # tuned on its out-of-fold volumes, a submission with the tuned chain and the leaderboard. About 5
 # minutes on 2 CPU cores after set-up. Finished runs are skipped on a rerun, killed ones resumed.
 QUICK := unet25d monai_unet nnunet hole_stitcher unet25d_stitched
-TUNE_TRIALS := 20
+TUNE_TRIALS := 30
 FOLD0_MEMBERS := ensemble.members=[{experiment="quick-unet25d", folds=[0]}, {experiment="quick-monai-unet", folds=[0]}]
 
 demo: $(STAMP)

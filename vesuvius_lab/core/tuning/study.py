@@ -50,24 +50,24 @@ class Search:
             on_trial(best_value(study))
         missing = trials - len(finished(study))
         if missing > 0:
-            study.optimize(lambda trial: self.objective(trial, scorer), n_trials=missing, catch=(UserError,),
+            study.optimize(lambda trial: self.objective(trial, scorer), n_trials=missing,
                            callbacks=[lambda s, _t: on_trial(best_value(s))])
         return study
 
     def objective(self, trial: optuna.Trial, scorer: CaseScorer) -> float:
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
         try:
-            spec = apply_values(self.spec, values)
-        except ValidationError as exc:  # a combination the steps refuse (e.g. hysteresis low above high)
-            raise UserError(f"trial values {values} refused: {exc.errors()[0]['msg']}") from None
-        scores = scorer.score(chain_of(spec), self.ids)
+            scores = scorer.score(chain_of(apply_values(self.spec, values)), self.ids)
+        except (ValidationError, UserError) as exc:  # a combination the steps refuse (hysteresis low above high)
+            trial.set_user_attr("refused", str(exc).splitlines()[0][:300])
+            raise optuna.TrialPruned() from None  # not a failure: the sampler learns to avoid it
         trial.set_user_attr("volumes", {i: s.score for i, s in scores.items()})
         return float(np.mean([s.score for s in scores.values()]))
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count: complete, or refused by the steps (failed); not the one a kill interrupted."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    """Trials that count: complete, or refused by the steps (pruned); not the one a kill interrupted."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     return [t for t in study.trials if t.state in states]
 
 
@@ -83,6 +83,6 @@ def best_values(study: optuna.Study, space: dict[str, TuneRange]) -> dict[str, A
 def trial_records(study: optuna.Study, space: dict[str, TuneRange]) -> list[dict]:
     """Every trial of a study, for the run's ``trials.json`` and the report's pictures."""
     return [{"number": t.number, "state": t.state.name, "score": t.value, "values": values_of(t.params, space),
-             "volumes": t.user_attrs.get("volumes", {}),
+             "volumes": t.user_attrs.get("volumes", {}), "refused": t.user_attrs.get("refused"),
              "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
              if t.datetime_complete and t.datetime_start else None} for t in study.trials]
