@@ -139,6 +139,25 @@ def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_d
     assert run.metrics()[1]["lr"] == pytest.approx(reference.metrics()[1]["lr"])
 
 
+def test_sigterm_to_a_ddp_run_stops_every_rank_at_one_step_and_resumes(synth_data, tmp_path):
+    """The parent of spawned DDP ranks passes SIGTERM on; the ranks agree on the step to stop at."""
+    runs, iterations = tmp_path / "runs", 600
+    process = start_vlab(["train", str(experiment(tmp_path, epochs=2, iterations=iterations)), "--nproc", "2"],
+                         synth_data, runs)
+    run = wait_for_epochs(runs, 1, process)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert effective_state(run) == "interrupted" and "Traceback" not in stderr
+    epoch, iteration = checkpoint.load(run.checkpoints / "last.pt")["resume_at"]
+    assert epoch == 1 and 0 < iteration < iterations
+    resumed = vlab(["train", "--resume", str(run.path)], synth_data, runs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["epoch"] for m in run.metrics()] == [1, 2]
+    assert checkpoint.load(run.checkpoints / "last.pt")["scheduler"]["last_epoch"] == 2 * iterations
+
+
 # --------------------------------------------------------------------------- one run, one writer
 
 
