@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from vesuvius_lab.core.metric.betti_kernels import join_classes
+from vesuvius_lab.core.metric.betti_kernels import join_classes, tag_union_classes
 
 
 @njit(cache=True)
@@ -36,17 +36,7 @@ def matched_dim0_runs(fg_a, fg_b, union_labels, n_union):
     parent = np.arange(n_nodes)
     rank = np.zeros(n_nodes, np.uint8)
     tags = np.zeros(n_nodes, np.uint8)
-    for x in range(n0):
-        for y in range(n1):
-            for z in range(n2):
-                label = union_labels[x, y, z]
-                if label:
-                    tags[label - 1] |= (1 if fg_a[x, y, z] else 0) | (2 if fg_b[x, y, z] else 0)
-    classes_with_a = 0
-    classes_with_b = 0
-    for i in range(n_union):
-        classes_with_a += tags[i] & 1
-        classes_with_b += tags[i] >> 1
+    classes_with_a, classes_with_b = tag_union_classes(union_labels, fg_a, fg_b, n_union, tags)
     column = np.empty(n1 * n2, np.int64)  # the class node of the voxel below, per column (y, z)
     matched = 0
     for x in range(n0):

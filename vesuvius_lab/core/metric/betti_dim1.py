@@ -139,10 +139,18 @@ def value0_columns(bg_x, bg_c, parent, rank):
     union-find keeps nearly all kept squares independent; the reduction handles the rest.
     """
     n0, n1, n2 = bg_x.shape
+    columns = np.zeros(3 * n0 * n1 * n2, np.uint8)
+    mark_value0_columns(bg_x, bg_c, parent, rank, columns, np.uint8(1))
+    return columns
+
+
+@njit(cache=True)
+def mark_value0_columns(bg_x, bg_c, parent, rank, marks, mark):
+    """Set ``marks[square id] = mark`` for the squares :func:`value0_columns` keeps."""
+    n0, n1, n2 = bg_x.shape
     flat_x = bg_x.ravel()
     flat_c = bg_c.ravel()
     outside = parent.size - 1
-    columns = np.zeros(3 * n0 * n1 * n2, np.uint8)
     for x in range(n0 - 1, -1, -1):
         for y in range(n1 - 1, -1, -1):
             for z in range(n2 - 1, -1, -1):
@@ -160,8 +168,7 @@ def value0_columns(bg_x, bg_c, parent, rank):
                     if root_below != root_above:
                         link_roots(parent, rank, root_below, root_above)
                     else:
-                        columns[3 * lin + t] = 1
-    return columns
+                        marks[3 * lin + t] = mark
 
 
 @njit(cache=True, inline="always")

@@ -38,6 +38,25 @@ def link_roots(parent, rank, root_a, root_b):
 
 
 @njit(cache=True)
+def tag_union_classes(union_labels, fg_a, fg_b, n_union, tags):
+    """Tag each class of the union (bit 1: holds a voxel of the first mask, bit 2: of the second) and
+    return how many classes hold each mask's voxels."""
+    n0, n1, n2 = union_labels.shape
+    for x in range(n0):
+        for y in range(n1):
+            for z in range(n2):
+                label = union_labels[x, y, z]
+                if label:
+                    tags[label - 1] |= (1 if fg_a[x, y, z] else 0) | (2 if fg_b[x, y, z] else 0)
+    classes_with_a = 0
+    classes_with_b = 0
+    for i in range(n_union):
+        classes_with_a += tags[i] & 1
+        classes_with_b += tags[i] >> 1
+    return classes_with_a, classes_with_b
+
+
+@njit(cache=True)
 def join_classes(parent, rank, tags, a, b):
     """Join the classes of ``a`` and ``b`` (tag bit 1: holds an element of the first volume, bit 2: of
     the second). Returns (1 when a class of both met another of both, 1 when two classes of the first
@@ -88,17 +107,7 @@ def matched_dim0(fg_a, fg_b, union_labels, n_union, parent):
     n_vox = n0 * n1 * n2
     rank = np.zeros(n_union + n_vox, np.uint8)
     tags = np.zeros(n_union + n_vox, np.uint8)
-    for x in range(n0):
-        for y in range(n1):
-            for z in range(n2):
-                label = union_labels[x, y, z]
-                if label:
-                    tags[label - 1] |= (1 if fg_a[x, y, z] else 0) | (2 if fg_b[x, y, z] else 0)
-    classes_with_a = 0
-    classes_with_b = 0
-    for i in range(n_union):
-        classes_with_a += tags[i] & 1
-        classes_with_b += tags[i] >> 1
+    classes_with_a, classes_with_b = tag_union_classes(union_labels, fg_a, fg_b, n_union, tags)
     matched = 0
     for x in range(n0):
         for y in range(n1):

@@ -41,8 +41,9 @@ import numpy as np
 from numba import njit
 
 from vesuvius_lab.core.metric.betti_dim1 import (_append, _dual_cubes, _heap_push, _pop_odd, _square_axes,
-                                                 _square_exists, _square_rows, _square_value, comparison_forest)
-from vesuvius_lab.core.metric.betti_kernels import find_root, index_dtype, link_roots
+                                                 _square_exists, _square_rows, _square_value, comparison_forest,
+                                                 mark_value0_columns)
+from vesuvius_lab.core.metric.betti_kernels import index_dtype, link_roots
 
 #: The widest label tile handled by the linking test (one machine word of bits per square);
 #: a label tile with more tunnels has both inputs reduced (:func:`matched_dim1_fast`).
@@ -309,28 +310,7 @@ def value0_column_marks(bg_x, bg_c, parent, rank, kinds):
     """:func:`vesuvius_lab.core.metric.betti_dim1.value0_columns` on the forest left by
     :func:`forest_with_linking`: marks its squares VALUE0_COLUMN in ``kinds`` (they have comparison
     value 0, so no other mark is lost)."""
-    n0, n1, n2 = bg_x.shape
-    flat_x = bg_x.ravel()
-    flat_c = bg_c.ravel()
-    outside = parent.size - 1
-    for x in range(n0 - 1, -1, -1):
-        for y in range(n1 - 1, -1, -1):
-            for z in range(n2 - 1, -1, -1):
-                lin = (x * n1 + y) * n2 + z
-                if flat_c[lin]:
-                    continue  # a value-0 square has only foreground corners
-                for t in range(2, -1, -1):
-                    if not _square_exists(x, y, z, t, n0, n1, n2):
-                        continue
-                    if _square_value(flat_c, lin, t, n1, n2) or not _square_value(flat_x, lin, t, n1, n2):
-                        continue
-                    below, above = _dual_cubes(x, y, z, t, n0, n1, n2, outside)
-                    root_below = find_root(parent, below)
-                    root_above = find_root(parent, above)
-                    if root_below != root_above:
-                        link_roots(parent, rank, root_below, root_above)
-                    else:
-                        kinds[3 * lin + t] = VALUE0_COLUMN
+    mark_value0_columns(bg_x, bg_c, parent, rank, kinds, VALUE0_COLUMN)
 
 
 @njit(cache=True)
