@@ -189,10 +189,11 @@ def _space_record(space: dict[str, TuneRange]) -> dict:
 
 def _resumable(runs_dir: Path, name: str, identity: dict) -> Run | None:
     """The newest killed or interrupted tuning run of the same space and sources, to continue."""
+    wanted = json.dumps(identity, sort_keys=True)
     for run in sorted(find_runs(runs_dir), key=lambda r: r.id, reverse=True):
         recorded = run.read(TUNING_RECORD, {})
-        if run.experiment == name and effective_state(run) in RESUMABLE and \
-                json.dumps({k: recorded.get(k) for k in identity}, sort_keys=True) == json.dumps(identity, sort_keys=True):
+        same = json.dumps({key: recorded.get(key) for key in identity}, sort_keys=True) == wanted
+        if run.experiment == name and same and effective_state(run) in RESUMABLE:
             _log(run, f"continuing {run.path}")
             return run
     return None
