@@ -234,6 +234,22 @@ def _append(array, used, value):
 
 
 @njit(cache=True)
+def _store_column(heap, size, pool, pool_used, pivot):
+    """Append a reduced column to ``pool`` as (length, pivot, the rest of the heap's odd entries);
+    returns the pool, its used length and the heap's new size."""
+    start = pool_used
+    pool, pool_used = _append(pool, pool_used, 0)
+    pool, pool_used = _append(pool, pool_used, pivot)
+    while True:
+        entry, size = _pop_odd(heap, size)
+        if entry < 0:
+            break
+        pool, pool_used = _append(pool, pool_used, entry)
+    pool[start] = pool_used - start - 1
+    return pool, pool_used, size
+
+
+@njit(cache=True)
 def _reduce_column(rows, count, flat_x, n1, n2, pivot_owner, owner_limit, heap, owner_rows, pool, pool_used):
     """Reduce a column whose pivot is taken; returns (reduced to zero, heap, pool, pool_used).
 
@@ -252,15 +268,7 @@ def _reduce_column(rows, count, flat_x, n1, n2, pivot_owner, owner_limit, heap, 
             if 2 * pool_used + 1 > owner_limit:
                 raise OverflowError("Betti matching: reduced columns exceed the pivot index range")
             pivot_owner[pivot] = 2 * pool_used + 1
-            start = pool_used
-            pool, pool_used = _append(pool, pool_used, 0)
-            pool, pool_used = _append(pool, pool_used, pivot)
-            while True:
-                entry, size = _pop_odd(heap, size)
-                if entry < 0:
-                    break
-                pool, pool_used = _append(pool, pool_used, entry)
-            pool[start] = pool_used - start - 1
+            pool, pool_used, size = _store_column(heap, size, pool, pool_used, pivot)
             return False, heap, pool, pool_used
         # add the owner's reduced column; its pivot cancels the one just popped
         if owner & 1 == 0:

@@ -42,7 +42,7 @@ from numba import njit
 
 from vesuvius_lab.core.metric.betti_dim1 import (_append, _dual_cubes, _heap_push, _pop_odd, _square_axes,
                                                  _square_exists, _square_rows, _square_value, comparison_forest,
-                                                 mark_value0_columns)
+                                                 _store_column, mark_value0_columns)
 from vesuvius_lab.core.metric.betti_kernels import index_dtype, link_roots
 
 #: The widest label tile handled by the linking test (one machine word of bits per square);
@@ -105,15 +105,7 @@ def _self_reduction(bg_x, negative, pivot_owner, max_zero):
                 if owner < 0:
                     pivot_owner[pivot] = 2 * rec + 1
                     rec_pool[rec] = pool_used
-                    start = pool_used
-                    pool, pool_used = _append(pool, pool_used, 0)
-                    pool, pool_used = _append(pool, pool_used, pivot)
-                    while True:
-                        entry, size = _pop_odd(heap, size)
-                        if entry < 0:
-                            break
-                        pool, pool_used = _append(pool, pool_used, entry)
-                    pool[start] = pool_used - start - 1
+                    pool, pool_used, size = _store_column(heap, size, pool, pool_used, pivot)
                     break
                 adds, n_adds = _append(adds, n_adds, owner)
                 if owner & 1 == 0:
