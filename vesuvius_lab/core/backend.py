@@ -24,11 +24,12 @@ class TrainJob:
     data_root: Path  # competition layout: train_images/, train_labels/, train.csv
     train_ids: list[str]
     val_ids: list[str]
-    fold: int
+    fold: int | str  # a fold number, or "all": every volume trains and val_ids is empty
     folds: list[list[str]]  # validation ids of every fold, so a backend can mirror the split
     run_dir: Path  # the run's directory; the backend keeps its artefacts under run_dir / "backend"
     cache_dir: Path  # shared cache (converted datasets, plans) reused across runs
     device: str  # "cpu" or "cuda"
+    init: Path | None = None  # [train] init: start from these weights (a run directory or a checkpoint file)
     log: Callable[[str], None] = print  # goes to the console and the run's log
     extra: dict = field(default_factory=dict)
 

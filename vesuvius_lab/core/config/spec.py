@@ -80,6 +80,8 @@ class PluginRef(Strict):
 
 class LossTerm(PluginRef):
     weight: float = Field(1.0, ge=0, description="Weight of this term in the summed loss.")
+    start_epoch: int = Field(0, ge=0, description="Epochs completed before this term steers training (0: from the "
+                                                  "start); until then it is computed and logged only.")
 
 
 class Augment(Strict):
@@ -92,7 +94,9 @@ class Augment(Strict):
 class DataSpec(Strict):
     root: Path | None = Field(None, description="Data folder; default the project's data_root.")
     folds: int | None = Field(None, ge=2, description="Number of folds; default the project's.")
-    fold: int = Field(0, ge=0, description="The validation fold of this run.")
+    fold: Union[Annotated[int, Field(ge=0)], Literal["all"]] = Field(
+        0, description='The validation fold of this run; "all" trains on every volume and validates on none '
+                       "(nnU-Net's fold all): such a run is not validated, an ensemble uses it for test volumes only.")
     group_by: Literal["scroll_id", "id"] = Field("scroll_id", description="Folds never split a group.")
     window: Shape3 = Field((16, 128, 128), description="Training patch shape (D, H, W).")
     foreground_oversample: float = Field(0.33, ge=0, le=1, description="Share of patches centred on surface.")
@@ -129,6 +133,12 @@ class TrainSpec(Strict):
     seed: int | None = Field(None, description="Default: the project's seed.")
     workers: int | None = Field(None, ge=0, description="DataLoader workers; default the project's.")
     validate_every: int = Field(1, ge=1, description="Validate every N epochs (and after the last).")
+    ema: float | None = Field(None, gt=0, lt=1, description=(
+        "Decay of an exponential moving average of the weights (e.g. 0.999), updated after each optimizer step; "
+        "validation and prediction use the average, checkpoints keep the raw weights beside it."))
+    init: str | None = Field(None, description=(
+        "Start from trained weights: a run directory (its best checkpoint), <experiment>/<run-id> under runs_dir, "
+        "or a checkpoint file. Another window size is fine; layers must match."))
 
 
 TTA = Literal["flip0", "flip1", "flip2", "rot90"]
