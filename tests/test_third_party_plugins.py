@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import tiny_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "vlab-plugin-example"
@@ -126,3 +127,25 @@ def test_same_name_from_two_packages_is_an_error_naming_both(site, tmp_path):
     assert "vlab-clashing-plugin" in result.stderr and "vesuvius-lab" in result.stderr
     listing = json.loads(vlab(["plugins", "--json", "--group", "losses"], Path(env_site), tmp_path).stdout)
     assert any(r["name"] == "dice" and r["status"].startswith("broken") for r in listing)
+
+
+def test_example_tracker_is_found_through_entry_points_and_records_a_run(site, synth_data, tmp_path):
+    listing = json.loads(vlab(["plugins", "--json", "--group", "trackers"], site, tmp_path).stdout)
+    row = next(r for r in listing if r["name"] == "jsonl_events")
+    assert row["package"] == "vlab-plugin-example" and row["status"] == "ok"
+    exp = tmp_path / "tracked.toml"
+    exp.write_text(tiny_experiment(epochs=1, iterations=1) + '[[tracker]]\nplugin = "jsonl_events"\n'
+                   'params = { file = "calls.jsonl" }\n')
+    env = {**os.environ, "PYTHONPATH": str(site), "VLAB_DATA": str(synth_data), "VLAB_RUNS": str(tmp_path / "runs"),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(VLAB + ["train", str(exp)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=600)
+    assert result.returncode == 0 and "failed" not in result.stderr, result.stderr
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    calls = [json.loads(line) for line in (run_dir / "calls.jsonl").read_text().splitlines()]
+    assert [c["event"] for c in calls] == ["start", "metrics", "finish"]
+    assert calls[0]["run"] == run_dir.name and calls[0]["params"]["train.epochs"] == 1
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert calls[1]["step"] == 1 and calls[1]["metrics"]["val/score"] == record["val"]["score"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert calls[2]["status"] == "finished" and calls[2]["summary"]["score"] == summary["score"]

@@ -39,6 +39,11 @@ What each group's factory returns:
   blenders        a float32 numpy weight map of the window's shape, strictly positive
   postprocessors  a callable ``(volume (D, H, W) numpy) -> numpy``: surface probabilities
                   (float32) or a mask (uint8) in, probabilities or a mask out
+  trackers        (``runs_dir`` is the project's runs folder) an object with ``start(run_dir,
+                  params)``, ``log_metrics(metrics, step)``, ``log_artifact(path)`` and
+                  ``finish(summary, status)``: the :class:`vesuvius_lab.core.training.tracking.Tracker`
+                  contract, which sends a run's params, scalars and pictures to TensorBoard, MLflow,
+                  W&B, ...; a tracker that raises is warned about once and dropped, never stopping training
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vesuvius_lab.core.errors import UserError
 
-GROUPS = ("models", "losses", "blenders", "postprocessors")
+GROUPS = ("models", "losses", "blenders", "postprocessors", "trackers")
 ENTRY_POINT_PREFIX = "vesuvius_lab."
 
 #: The context keys the core passes to each group's factory (a factory may ignore any of them).
@@ -63,6 +68,7 @@ CONTEXT = {
     "losses": (),
     "blenders": ("window",),
     "postprocessors": ("device", "runs_dir", "threshold"),
+    "trackers": ("runs_dir",),
 }
 
 

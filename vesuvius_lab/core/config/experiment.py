@@ -357,11 +357,25 @@ def _plugin_refs(data: dict) -> Iterator[tuple[tuple, str, Any]]:
     yield ("inference", "blend"), "blenders", inference.get("blend", {"plugin": "gaussian"})
     for index, step in enumerate(items(data.get("postprocess"))):
         yield ("postprocess", index), "postprocessors", step
+    yield from _tracker_refs(data)
 
 
-def _plugin_problems(data: dict, source: _Source) -> list[Problem]:
+def _tracker_refs(data: dict) -> Iterator[tuple[tuple, str, Any]]:
+    """(key path, group, table) of each ``[[tracker]]`` table (in an experiment or in vesuvius.toml)."""
+    trackers = data.get("tracker")
+    for index, table in enumerate(trackers if isinstance(trackers, list) else []):
+        yield ("tracker", index), "trackers", table
+
+
+def tracker_problems(source: _Source) -> list[Problem]:
+    """Unknown trackers and bad tracker params of a document: how vesuvius.toml's are checked."""
+    return _plugin_problems(source.data, source, _tracker_refs(source.data))
+
+
+def _plugin_problems(data: dict, source: _Source,
+                     refs: Iterator[tuple[tuple, str, Any]] | None = None) -> list[Problem]:
     problems = []
-    for path, group, table in _plugin_refs(data):
+    for path, group, table in _plugin_refs(data) if refs is None else refs:
         if not isinstance(table, dict) or not isinstance(table.get("plugin"), str):
             continue  # the spec model reports the wrong shape
         name = table["plugin"]

@@ -15,8 +15,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from vesuvius_lab.core.config.experiment import (Problem, SpecError, non_finite_problems, pydantic_problems,
-                                                 toml_source)
-from vesuvius_lab.core.config.spec import Experiment, ProjectSettings
+                                                 toml_source, tracker_problems)
+from vesuvius_lab.core.config.spec import Experiment, ProjectSettings, TrackerRef
 from vesuvius_lab.core.config.text import TextFileError, read_text
 from vesuvius_lab.core.errors import UserError
 
@@ -43,6 +43,12 @@ class Project:
     def cache_dir(self) -> Path:
         return self.absolute(self.settings.cache_dir) if self.settings.cache_dir else self.runs_dir / ".cache"
 
+    @property
+    def launcher_dir(self) -> Path:
+        """Where ``vlab run --launcher`` keeps submitit's job files and logs (``[launcher] folder``)."""
+        folder = self.settings.launcher.folder
+        return self.absolute(folder) if folder else self.runs_dir / ".submitit"
+
     def absolute(self, path: Path) -> Path:
         path = path.expanduser()
         return path if path.is_absolute() else (self.root / path).resolve()
@@ -56,7 +62,8 @@ class Project:
             "seed": self.settings.seed if exp.train.seed is None else exp.train.seed,
             "workers": self.settings.workers if exp.train.workers is None else exp.train.workers,
         })
-        return exp.model_copy(update={"data": data, "train": train})
+        return exp.model_copy(update={"data": data, "train": train,
+                                      "tracker": merge_trackers(self.settings.tracker, exp.tracker)})
 
     def with_overrides(self, *, data: str | None = None, runs: str | None = None,
                        device: str | None = None) -> "Project":
@@ -67,6 +74,13 @@ class Project:
             os.environ["VLAB_RUNS"] = str(Path(runs).resolve())
         settings = self.settings.model_copy(update={"device": device}) if device else self.settings
         return Project(self.root, self.file, settings)
+
+
+def merge_trackers(project: list[TrackerRef], experiment: list[TrackerRef]) -> list[TrackerRef]:
+    """The project's trackers, less those whose plugin the experiment names too, then the experiment's
+    (so an experiment's ``[[tracker]]`` replaces the project's of the same plugin; idempotent)."""
+    named = {ref.plugin for ref in experiment}
+    return [ref for ref in project if ref.plugin not in named] + list(experiment)
 
 
 def find_project_file(start: Path | None = None) -> Path | None:
@@ -104,6 +118,7 @@ def load_project(path: Path | None = None) -> Project:
             settings = ProjectSettings.model_validate(source.data)
         except ValidationError as exc:
             problems += pydantic_problems(exc, source, ProjectSettings)
+        problems += tracker_problems(source)
     if problems:
         raise SpecError(problems)
     return Project(path.parent, path, settings)
