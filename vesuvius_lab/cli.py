@@ -267,7 +267,7 @@ class _volume_progress:
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--group", "group", help="Only this group: models, losses, blenders, postprocessors.")
+@click.option("--group", "group", help="Only this group: models, losses, blenders, postprocessors, trackers.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable list.")
 @click.pass_context
 def plugins(ctx, group, as_json):
@@ -485,15 +485,25 @@ def report(obj: ProjectContext, run_dir, output, volumes):
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 @click.option("--nproc", type=click.IntRange(min=1), help="DDP processes on this machine (beats train.nproc).")
 @click.option("--force", is_flag=True, help="Start new runs even when a finished (or resumable) run with the same spec exists.")
+@click.option("--jobs", "-j", "at_once", type=click.IntRange(min=1),
+              help="Jobs at once, each in its own process on its own GPU (CUDA) or share of the cores (CPU); "
+                   "a DDP job takes nproc of them. Default 1 (with --launcher slurm: all).")
+@click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
+              help="slurm: one SLURM job per run through submitit, set up by [launcher] in vesuvius.toml; "
+                   "submitit-local: the same path through submitit's local executor, on this machine.")
+@click.option("--wait/--no-wait", default=True, help="--no-wait: submit the jobs, print their ids and return.")
 @click.pass_obj
-def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
-    """Train and evaluate several experiments ([sweep]s expanded) and folds in turn, then rank them.
+def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force, at_once, launcher, wait):
+    """Train and evaluate several experiments ([sweep]s expanded) and folds, then rank them.
 
     A finished run with the same name, fold and resolved spec is skipped; a killed or interrupted
     one is resumed from its last checkpoint (--force starts new runs). A failure is reported and
-    the other runs go on; the exit status is 2 if anything failed.
+    the other runs go on; the exit status is 2 if anything failed. With --jobs N, N jobs run at
+    once (one display for all; each job's output in its run's log.txt); an ensemble waits for the
+    jobs before it.
     """
-    from vesuvius_lab.core.launch.batch import parse_folds, plan, run_jobs
+    from vesuvius_lab.core.launch.batch import parse_folds, plan
+    from vesuvius_lab.core.launch.parallel import run_batch
     from vesuvius_lab.core.reports.leaderboard import build_leaderboard
     from vesuvius_lab.core.reports.leaderboard_view import print_leaderboard
 
@@ -512,16 +522,26 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force):
         if outcome.status == "failed":
             err.print(f"[bold red]failed[/] {_escape(outcome.job.label)}: {_escape(outcome.error or '')}{where}")
         elif outcome.status == "skipped":
-            err.print(f"[dim]skipped {_escape(outcome.job.label)}: finished already{where}[/]")
+            err.print(f"[dim]skipped {_escape(outcome.job.label)}: {_escape(outcome.error or 'finished already')}{where}[/]")
+        elif outcome.status in ("killed", "interrupted", "held"):
+            err.print(f"[bold yellow]{outcome.status}[/] {_escape(outcome.job.label)}: {_escape(outcome.error or '')}{where}")
+        elif outcome.status == "submitted":
+            click.echo(f"{outcome.job_id}\t{outcome.job.label}")
 
-    outcomes = run_jobs(jobs, project, force=force, on_start=started, on_done=done)
+    outcomes = run_batch(jobs, project, at_once=at_once, launcher=launcher, wait=wait, force=force,
+                         on_start=started, on_done=done)
+    if not wait:
+        submitted = sum(o.status == "submitted" for o in outcomes)
+        err.print(f"{submitted} job(s) submitted; `vlab leaderboard` shows their runs as they train.")
+        sys.exit(2 if any(o.status == "failed" for o in outcomes) or problems else 0)
     if jobs and project.runs_dir.is_dir():
         names = list(dict.fromkeys(job.spec.name for job in jobs))
         print_leaderboard(build_leaderboard(project.runs_dir, experiments=names), out, err)
     failed = [o for o in outcomes if o.status == "failed"]
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("trained", "resumed", "skipped", "failed")}
-    err.print(", ".join(f"{n} {status}" for status, n in counts.items() if n or status != "resumed"))
-    if failed or problems:
+    counts = {status: sum(o.status == status for o in outcomes)
+              for status in ("trained", "resumed", "skipped", "failed", "killed", "interrupted")}
+    err.print(", ".join(f"{n} {status}" for status, n in counts.items() if n or status in ("trained", "skipped", "failed")))
+    if failed or problems or counts["killed"]:
         sys.exit(2)
 
 

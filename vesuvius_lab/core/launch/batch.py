@@ -40,9 +40,12 @@ class Job:
 @dataclass(frozen=True)
 class Outcome:
     job: Job
-    status: str  # "trained", "resumed", "skipped" or "failed"
+    # "trained", "resumed", "skipped" or "failed"; with --jobs or a launcher also "killed" (its process
+    # was killed from outside), "interrupted" (stopped by a signal, resumable), "submitted" or "held" (--no-wait)
+    status: str
     run: Run | None = None
     error: str | None = None
+    job_id: str | None = None  # the launcher's id of the job's process (a SLURM job id, a local pid)
 
 
 def parse_folds(text: str | None) -> list[int] | str | None:
@@ -73,7 +76,7 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
         count = resolved.data.folds
         wanted = range(count) if folds == "all" else folds if folds is not None else [resolved.data.fold]
         for fold in wanted:
-            if fold >= count:
+            if fold != "all" and fold >= count:
                 problems.append(Problem(str(loaded.file), None, "data.fold", f"{loaded.spec.name}: fold {fold} does "
                                         f"not exist; data.folds = {count} (folds 0 to {count - 1})."))
                 continue
@@ -83,8 +86,9 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
 
 
 def _canonical(spec: dict) -> str:
-    """The spec as compared between runs; [tune] is what `vlab tune` searches later, not how a run trains."""
-    return json.dumps({k: v for k, v in spec.items() if k != "tune"}, sort_keys=True, default=str)
+    """The spec as compared between runs; [tune] is what `vlab tune` searches later and [[tracker]] where a
+    run is watched, not how it trains (adding a tracker retrains nothing)."""
+    return json.dumps({k: v for k, v in spec.items() if k not in ("tune", "tracker")}, sort_keys=True, default=str)
 
 
 def _same_spec_runs(runs_dir: Path, spec: Experiment):

@@ -1,0 +1,136 @@
+"""This machine's devices shared out between the jobs of ``vlab run --jobs N``.
+
+On CUDA a slot is one GPU (and an equal share of the CPU cores, for its data loading); on the CPU
+a slot is one of N equal shares of the cores this process may use. A job leases as many slots as
+its DDP ``nproc`` (at most all of them) and runs pinned to them: its ``CUDA_VISIBLE_DEVICES`` names
+its GPUs, its CPU affinity is its cores, and its thread pools (OpenMP, MKL, torch) are as wide as
+its cores, so that N jobs at once never fight over one core.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+#: The worker pins itself to these cores (comma-separated ids) before anything else runs.
+CPUS_VARIABLE = "VLAB_CPUS"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    cpus: tuple[int, ...]
+    gpu: str | None = None  # as CUDA_VISIBLE_DEVICES names it
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The slots one job runs on."""
+
+    slots: tuple[Slot, ...]
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        return tuple(sorted({cpu for slot in self.slots for cpu in slot.cpus}))
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        return tuple(slot.gpu for slot in self.slots if slot.gpu is not None)
+
+    def environment(self) -> dict[str, str]:
+        """What the job's process gets on top of this one's environment."""
+        threads = str(max(1, len(self.cpus)))
+        env = {CPUS_VARIABLE: ",".join(map(str, self.cpus)), **{name: threads for name in THREAD_VARIABLES}}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
+        return env
+
+    def describe(self) -> str:
+        if self.gpus:
+            return "cuda " + ",".join(self.gpus)
+        return "cpu " + _ranges(self.cpus)
+
+
+class Pool:
+    """The free slots; :meth:`take` leases the lowest free ones."""
+
+    def __init__(self, slots: list[Slot]):
+        self.slots, self._free = list(slots), {slot.index for slot in slots}
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def take(self, count: int) -> Lease | None:
+        count = max(1, min(count, self.size))
+        if len(self._free) < count:
+            return None
+        chosen = sorted(self._free)[:count]
+        self._free -= set(chosen)
+        return Lease(tuple(self.slots[i] for i in chosen))
+
+    def give_back(self, lease: Lease) -> None:
+        self._free |= {slot.index for slot in lease.slots}
+
+
+def usable_cpus() -> tuple[int, ...]:
+    """The cores this process may run on (its affinity, which SLURM and containers narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def visible_gpus() -> tuple[str, ...]:
+    """The CUDA devices this process sees, named as CUDA_VISIBLE_DEVICES names them for a child."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return tuple(names[:count]) if names else tuple(str(i) for i in range(count))
+
+
+def split_evenly(items: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
+    """``items`` cut into ``parts`` contiguous runs whose lengths differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    runs, start = [], 0
+    for part in range(parts):
+        end = start + size + (part < extra)
+        runs.append(items[start:end])
+        start = end
+    return runs
+
+
+def machine_pool(jobs: int, device: str, cpus: tuple[int, ...] | None = None,
+                 gpus: tuple[str, ...] | None = None) -> Pool:
+    """The slots of this machine for ``jobs`` jobs at once on ``device`` ("cpu" or "cuda")."""
+    cpus = cpus or usable_cpus()
+    if device == "cuda":
+        gpus = gpus if gpus is not None else visible_gpus()
+        shares = split_evenly(cpus, len(gpus)) if len(cpus) >= len(gpus) else [cpus] * len(gpus)
+        return Pool([Slot(i, shares[i], gpu) for i, gpu in enumerate(gpus)])
+    return Pool([Slot(i, share) for i, share in enumerate(split_evenly(cpus, jobs))])
+
+
+def pin_from_environment() -> None:
+    """In a job's process: run on the cores its launcher chose (``VLAB_CPUS``), if any."""
+    text = os.environ.get(CPUS_VARIABLE, "")
+    cpus = {int(part) for part in text.split(",") if part.strip().isdigit()}
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError:  # a core that this machine no longer lets us use: keep the inherited affinity
+            pass
+
+
+def _ranges(cpus: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> "0-2,5"."""
+    parts, start = [], None
+    for i, cpu in enumerate(cpus):
+        if start is None:
+            start = cpu
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            parts.append(str(start) if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(parts)

@@ -1,0 +1,199 @@
+"""One job of a batch, run in a process of its own.
+
+``python -m vesuvius_lab.core.launch.worker PAYLOAD RESULT`` (the local launcher), or
+:func:`run_submitted` called by submitit (the SLURM launcher and submitit's local executor). Either
+way the job trains (or resumes, or builds its ensemble) exactly as ``vlab run`` does in-process,
+holding its run's lock, and the outcome is written to ``RESULT`` (JSON) or returned:
+``{"status": "trained" | "resumed" | "failed" | "interrupted", "run": path or null, "error": text}``.
+Exit status: 0, 2 for a user's mistake, 1 for another error, 128 + signal when stopped by a signal.
+
+This module imports no torch at import time: the job's thread limits and CPU affinity are set
+before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vesuvius_lab.core import interrupts
+from vesuvius_lab.core.config.project import Project
+from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.files import write_json_atomic
+from vesuvius_lab.core.launch.batch import Job
+from vesuvius_lab.core.launch.slots import pin_from_environment
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a job's process ended: "trained", "resumed", "failed", "interrupted" or "killed"."""
+
+    status: str
+    run: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Everything a job's process needs: the job, the project, the run to resume and its environment."""
+
+    job: Job
+    project: Project
+    resume: Path | None = None
+    environment: dict[str, str] = field(default_factory=dict)  # VLAB_DATA/VLAB_RUNS, threads, cores, GPUs
+    torchrun: dict | None = None  # multi-node: see vesuvius_lab.core.launch.torchrun
+
+
+def write_payload(payload: Payload, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(payload))
+    tmp.replace(path)
+    return path
+
+
+def read_payload(path: Path) -> Payload:
+    return pickle.loads(Path(path).read_bytes())
+
+
+def execute(payload: Payload) -> dict:
+    """Run the job in this process (its environment applied first); the outcome as a dict. Stop signals
+    (Ctrl-C, SIGTERM) save the run and raise :class:`interrupts.Interrupted`."""
+    from vesuvius_lab.core.launch.batch import _execute
+
+    os.environ.update(payload.environment)
+    pin_from_environment()
+    run = _execute(payload.job, payload.project, _reopened(payload.resume))
+    return {"status": "resumed" if payload.resume else "trained", "run": str(run.path), "error": None}
+
+
+def _reopened(resume: Path | None):
+    from vesuvius_lab.core.runs.folder import Run
+
+    return Run(Path(resume)) if resume else None
+
+
+def outcome_of(payload: Payload, *, watch_parent: bool = False) -> tuple[dict, int]:
+    """:func:`execute`, every way it can end turned into (outcome, exit status)."""
+    try:
+        with interrupts.stop_signals():
+            if watch_parent:
+                _stop_with_parent()
+            return execute(payload), 0
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        return {"status": "interrupted", "run": str(payload.resume) if payload.resume else None,
+                "error": f"stopped by {exc or 'SIGINT'}"}, getattr(exc, "exit_code", 128 + signum)
+    except UserError as exc:
+        return {"status": "failed", "run": None, "error": str(exc)}, exc.exit_code
+    except Exception as exc:  # reported as the job's failure; the traceback goes to the job's log
+        traceback.print_exc()
+        return {"status": "failed", "run": None, "error": f"{type(exc).__name__}: {exc}"}, 1
+
+
+def _quiet() -> None:
+    """timm (under segmentation-models-pytorch) still uses torch.jit.interface: not shown, as by the command line."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.interface.*", category=FutureWarning)
+
+
+def run_submitted(payload: Payload) -> dict:
+    """What submitit runs on the cluster (or its local executor): the job, or on several nodes this
+    node's torchrun of it; never raises for the job's own failure, so submitit returns the outcome.
+    submitit's "time is nearly up / preempted" signal (SIGUSR2) stops the job as SIGTERM does: it saves
+    its run, which ends interrupted and is resumed by the next ``vlab run``."""
+    _quiet()
+    with _signals({signal.SIGUSR2: lambda *_: os.kill(os.getpid(), signal.SIGTERM)}):
+        return _run_torchrun(payload) if payload.torchrun else outcome_of(payload)[0]
+
+
+@contextmanager
+def _signals(handlers: dict):
+    """Install signal handlers for the block (main thread only), then put the previous ones back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_torchrun(payload: Payload) -> dict:
+    """This node's share of a multi-node job: torchrun, its rendezvous taken from SLURM's environment."""
+    from vesuvius_lab.core.launch.torchrun import torchrun_command
+
+    node = os.environ.get("SLURM_NODEID", "0")
+    folder = Path(payload.torchrun["folder"])
+    job_file = write_payload(dataclasses.replace(payload, torchrun=None), folder / f"payload-node{node}.pkl")
+    result_file = folder / "result.json"
+    if node == "0":
+        result_file.unlink(missing_ok=True)  # rank 0, on this node, writes it anew
+    command = torchrun_command(os.environ, payload.torchrun["nproc_per_node"], payload.torchrun["port"],
+                               job_file, result_file)
+    print(" ".join(command), flush=True)
+    process = subprocess.Popen(command, env={**os.environ, **payload.environment})
+    # torchrun passes a stop on to its ranks, which save and stop
+    with _signals({signum: lambda *_: process.send_signal(signal.SIGTERM) for signum in interrupts.STOP_SIGNALS}):
+        code = process.wait()
+    if node != "0":
+        return {"status": "trained" if code == 0 else "failed", "run": None, "error": None}
+    result = read_result(result_file)
+    if result is None:
+        result = {"status": "failed", "run": None, "error": f"torchrun exited with status {code} and no result"}
+    return result
+
+
+def read_result(path: Path) -> dict | None:
+    """A job's outcome as its process wrote it; None when it wrote none (killed) or it is unreadable."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("status"), str) else None
+
+
+#: Set by the local launcher: the job stops (as on SIGTERM: saved, resumable) when that process dies.
+PARENT_VARIABLE = "VLAB_BATCH_PID"
+
+
+def _stop_with_parent() -> None:
+    """Linux: ask for SIGTERM when ``vlab run`` dies (killed, its terminal closed), so that no job runs on
+    unwatched; it saves its run, ends interrupted, and the next ``vlab run`` resumes it."""
+    parent = os.environ.get(PARENT_VARIABLE, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main(argv: list[str]) -> int:
+    """``worker PAYLOAD RESULT``: run the job, write its outcome to RESULT, exit with its status."""
+    _quiet()
+    payload_file, result_file = Path(argv[0]), Path(argv[1])
+    outcome, code = outcome_of(read_payload(payload_file), watch_parent=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        write_json_atomic(result_file, outcome)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
