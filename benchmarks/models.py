@@ -125,7 +125,8 @@ def measure(path: Path, device: torch.device, warmup: int, steps: int) -> Row:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            total, _ = objective(model(x), target, valid)
+            total, _ = objective(model(x), target, valid,
+                                 head_weights=getattr(model, "deep_supervision_weights", None))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

@@ -22,6 +22,7 @@ TINY = {
     "monai_swinunetr": ({"feature_size": 12, "depths": [1, 1, 1, 1]}, (64, 64, 64)),
     "monai_unet": ({"channels": [8, 16, 32], "strides": [2, [1, 2, 2]], "num_res_units": 1}, (6, 32, 32)),
     "monai_segresnet": ({"blocks_down": [1, 1, 1], "blocks_up": [1, 1]}, (16, 32, 32)),
+    "monai_dynunet": ({"base_filters": 4, "max_filters": 16, "deep_supervision": 0}, (16, 32, 32)),
 }
 
 
