@@ -28,11 +28,12 @@ constraints:
 	mv constraints.new constraints.txt
 	rm -rf .venv-constraints
 
-# The main job on the embedded synthetic data: every model family's quick experiment (2.5D SMP,
-# MONAI 3D, nnU-Net), the hole stitcher and an experiment using it, an ensemble, its post-processing
-# tuned on its out-of-fold volumes, a submission with the tuned chain and the leaderboard. About 5
+# The main job on the embedded synthetic data: every model family's quick experiment (2.5D SMP
+# with the winners' skeleton-recall recipe, MONAI 3D, nnU-Net), an ensemble, its post-processing
+# tuned on its out-of-fold volumes, a submission with the tuned chain and the leaderboard. About 6
 # minutes on 2 CPU cores after set-up. Finished runs are skipped on a rerun, killed ones resumed.
-QUICK := unet25d monai_unet nnunet hole_stitcher unet25d_stitched
+# The hole stitcher (experiments/quick/hole_stitcher.toml, unet25d_stitched.toml) is left out for time.
+QUICK := unet25d monai_unet nnunet
 TUNE_TRIALS := 30
 FOLD0_MEMBERS := ensemble.members=[{experiment="quick-unet25d", folds=[0]}, {experiment="quick-monai-unet", folds=[0]}]
 

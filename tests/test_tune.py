@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -48,6 +49,18 @@ def trained(synth_data, tmp_path_factory) -> Path:
         result = vlab(["train", str(root / "tiny.toml"), "--fold", str(fold)], root / "vesuvius.toml")
         assert result.returncode == 0, result.stderr
     return root
+
+
+def completed_trials(db: Path) -> int:
+    """Completed trials in a study database that another process is writing; read-only, so the reader
+    never creates tables under the writer (optuna.load_study would)."""
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as connection:
+            return connection.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet, or locked for a moment
+        return 0
 
 
 def study_trials(db: Path, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -153,16 +166,14 @@ def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):
         runs = [r for r in find_runs(trained / "runs") if r.experiment == "tiny-tuned" and
                 (r.path / "study.db").is_file() and r.read("tuning.json", {}).get("target") == str(file)]
         if runs:
-            try:
-                before = [t for t in study_trials(runs[0].path / "study.db", "tiny-tuned")
-                          if t.state == optuna.trial.TrialState.COMPLETE]
-            except (KeyError, ValueError):
-                before = []
+            before = [None] * completed_trials(runs[0].path / "study.db")
         assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     (run,) = runs
     assert effective_state(run) == "killed"
+    before = [t for t in study_trials(run.path / "study.db", "tiny-tuned") if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(before) >= 4
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr
     assert f"continuing {run.path}" in " ".join(again.stderr.split())

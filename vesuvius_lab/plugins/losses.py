@@ -234,3 +234,111 @@ def focal(params: FocalParams, **context):
         return _valid_mean(per_voxel, valid)
 
     return _float32_loss(compute)
+
+
+# --------------------------------------------------------------------------- skeleton losses
+#
+# Both reward predictions that keep a sheet whole: a sheet cut in two loses recall on the
+# medial surface wherever the cut is, however few voxels it costs Dice.
+
+
+class SkeletonRecallParams(_Params):
+    smooth: float = Field(1.0, ge=0, description="Added to numerator and denominator (keeps empty patches finite).")
+    thicken: int = Field(1, ge=0, le=3, description=(
+        "Dilations of the medial surface (inside the label) when the target is computed here; the data "
+        "loader's targets use 1."))
+
+
+@plugin(SkeletonRecallParams)
+def skeleton_recall(params: SkeletonRecallParams, **context):
+    """Skeleton Recall (Kirchhoff et al., ECCV 2024): 1 - soft recall of the surface probability on the
+    label's medial surface, thickened, over valid voxels and the whole batch.
+
+    The trainer passes ``skeleton``, computed in the DataLoader workers
+    (:mod:`vesuvius_lab.core.data.skeleton`); called without it, the loss computes it from the
+    target on the CPU (right for a test, slow in a training loop)."""
+    import torch
+
+    def loss(logits, target, valid, skeleton=None):
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            if skeleton is None:
+                skeleton = _skeleton_of(target, valid, params.thicken)
+            logits, target, valid = _masked(logits, target, valid)
+            on_skeleton = torch.where(valid, skeleton.float() * target, 0.0)  # inside the valid label only
+            prob = _keep(valid, surface_probability(logits))
+            recall = ((prob * on_skeleton).sum() + params.smooth) / (on_skeleton.sum() + params.smooth)
+            return 1 - recall
+
+    return loss
+
+
+def _skeleton_of(target, valid, thicken: int):
+    """The skeleton target of each sample of a batch (B, 1, D, H, W), computed on the CPU."""
+    import numpy as np
+    import torch
+
+    from vesuvius_lab.core.data.skeleton import skeleton_target
+
+    label = np.where(valid.detach().cpu().numpy(), target.detach().cpu().numpy() > 0.5, 2).astype(np.uint8)
+    skeletons = [skeleton_target(sample[0], thicken=thicken)[None] for sample in label]
+    return torch.from_numpy(np.stack(skeletons)).to(target.device)
+
+
+class CLDiceParams(_Params):
+    iterations: int = Field(3, ge=1, le=20, description=(
+        "Erosions of the soft skeleton; at least half the thickest sheet in voxels."))
+    smooth: float = Field(1.0, ge=0, description="Added to numerator and denominator (keeps empty patches finite).")
+
+
+@plugin(CLDiceParams)
+def cldice(params: CLDiceParams, **context):
+    """Soft clDice (Shit et al., CVPR 2021): the harmonic mean of the predicted soft skeleton's precision
+    (inside the label) and the label's soft skeleton's recall (inside the prediction), over valid voxels.
+
+    Ignored voxels are 0 in both prediction and label before the skeletons are taken, so neither
+    their values nor their gradients reach the loss."""
+
+    def compute(logits, target, valid):
+        prob = _keep(valid, surface_probability(logits))
+        skeleton_pred = soft_skeleton(prob, params.iterations)
+        skeleton_true = soft_skeleton(target, params.iterations)
+        precision = ((skeleton_pred * target).sum() + params.smooth) / (skeleton_pred.sum() + params.smooth)
+        sensitivity = ((skeleton_true * prob).sum() + params.smooth) / (skeleton_true.sum() + params.smooth)
+        return 1 - 2 * precision * sensitivity / (precision + sensitivity)
+
+    return _float32_loss(compute)
+
+
+def _soft_erode(x):
+    import torch.nn.functional as F
+
+    # The minimum over a 6-neighbour cross, one axis at a time (as the clDice authors do in 3D).
+    return -_maximum(*(F.max_pool3d(-x, kernel, 1, pad) for kernel, pad in (
+        ((3, 1, 1), (1, 0, 0)), ((1, 3, 1), (0, 1, 0)), ((1, 1, 3), (0, 0, 1)))))
+
+
+def _maximum(*tensors):
+    import torch
+
+    result = tensors[0]
+    for tensor in tensors[1:]:
+        result = torch.maximum(result, tensor)
+    return result
+
+
+def _soft_dilate(x):
+    import torch.nn.functional as F
+
+    return F.max_pool3d(x, 3, 1, 1)
+
+
+def soft_skeleton(x, iterations: int):
+    """The soft skeleton of probabilities (B, 1, D, H, W) by iterated soft opening (Shit et al.)."""
+    import torch.nn.functional as F
+
+    skeleton = F.relu(x - _soft_dilate(_soft_erode(x)))
+    for _ in range(iterations):
+        x = _soft_erode(x)
+        delta = F.relu(x - _soft_dilate(_soft_erode(x)))
+        skeleton = skeleton + F.relu(delta - skeleton * delta)
+    return skeleton

@@ -8,10 +8,12 @@ Fields left ``None`` are filled from the project settings when the spec is resol
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo,
+                      field_validator, model_validator)
 
 Shape3 = tuple[int, int, int]
 
@@ -59,6 +61,44 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
+#: A SLURM time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
+SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+#: An extra sbatch line: ``--name``, ``--name=value`` or ``--name value``, optionally after ``#SBATCH``.
+SBATCH_OPTION = re.compile(r"^(?:#SBATCH\s+)?--([A-Za-z][\w-]*)(?:(?:=|\s+)(\S.*))?$")
+
+
+class LauncherSettings(Strict):
+    """``[launcher]``: how ``vlab run --launcher slurm`` submits each job through submitit."""
+
+    partition: str | None = Field(None, description="SLURM partition (sbatch --partition); default the cluster's.")
+    time: str = Field("24:00:00", description='Time limit of each job: minutes ("90"), "HH:MM:SS" or "D-HH:MM:SS".')
+    nodes: int = Field(1, ge=1, description="Nodes per job; more than 1 starts torchrun on each (multi-node DDP).")
+    gpus_per_node: int = Field(1, ge=0, description="GPUs per node; 0 for CPU-only jobs.")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPU cores per task; default the cluster's.")
+    mem_gb: float | None = Field(None, gt=0, description="Memory per node in GB; default the cluster's.")
+    sbatch: list[str] = Field(default_factory=list, description='Extra sbatch lines, e.g. ["--qos=high", '
+                              '"--account=vesuvius"] ("#SBATCH " in front is allowed).')
+    setup: list[str] = Field(default_factory=list, description="Shell lines run before each job, e.g. "
+                             '["module load cuda", "source .venv/bin/activate"].')
+    folder: Path | None = Field(None, description="submitit's job files and logs; default <runs_dir>/.submitit.")
+    port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port of multi-node torchrun jobs.")
+
+    @field_validator("time")
+    @classmethod
+    def _time_limit(cls, value: str) -> str:
+        if not SLURM_TIME.match(value.strip()):
+            raise ValueError(f'{value!r} is not a SLURM time limit: write minutes ("90"), "HH:MM:SS" or "D-HH:MM:SS"')
+        return value.strip()
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_lines(cls, lines: list[str]) -> list[str]:
+        for line in lines:
+            if not SBATCH_OPTION.match(line.strip()):
+                raise ValueError(f'{line!r} is not an sbatch option: write "--name=value" or "--flag"')
+        return [line.strip() for line in lines]
+
+
 class ProjectSettings(Strict):
     """``vesuvius.toml``: defaults shared by every experiment of a project."""
 
@@ -69,6 +109,11 @@ class ProjectSettings(Strict):
     seed: int = Field(0, description="Default random seed.")
     workers: int = Field(2, ge=0, description="DataLoader workers per process.")
     folds: int = Field(5, ge=2, description="Number of cross-validation folds.")
+    tracker: list[TrackerRef] = Field(default_factory=list, description=(
+        "[[tracker]] tables: trackers (TensorBoard, MLflow, ...) that every run of the project reports to; an "
+        "experiment's [[tracker]] of the same plugin replaces the project's (enabled = false turns it off)."))
+    launcher: LauncherSettings = Field(default_factory=LauncherSettings,
+                                       description="vlab run --launcher slurm: the SLURM settings of each job.")
 
 
 class PluginRef(Strict):
@@ -84,11 +129,185 @@ class LossTerm(PluginRef):
                                                   "start); until then it is computed and logged only.")
 
 
+class TrackerRef(PluginRef):
+    """A ``[[tracker]]`` table: a trackers plugin that receives a run's params, scalars and pictures."""
+
+    enabled: bool = Field(True, description="false turns off a tracker of this plugin that vesuvius.toml names.")
+
+
+ProjectSettings.model_rebuild()  # its tracker field names TrackerRef, defined after it
+
+
+# --- [data.augment] -----------------------------------------------------------------------------
+# Each training transform is a table of options with a probability ``p``; ``name = 0.3`` is short
+# for ``name = { p = 0.3 }``, and ``name = true`` / ``false`` (files written before the tables)
+# mean the default probability / off. The defaults follow nnU-Net's, sized for thin 2.5D windows.
+
+
+def _augment_shorthand(value: Any) -> Any:
+    """A bare probability or a boolean becomes the transform's table."""
+    if isinstance(value, bool):
+        return {} if value else {"p": 0.0}
+    if isinstance(value, (int, float)):
+        if not 0 <= value <= 1:  # nan and inf fail this too (and are reported as not finite)
+            raise ValueError("a probability is a number from 0 to 1")
+        return {"p": float(value)}
+    if not isinstance(value, (dict, BaseModel)):
+        raise ValueError("give a probability (0 to 1), true or false, or a table such as { p = 0.2 }")
+    return value
+
+
+def _low_high(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] > value[1]:
+        raise ValueError("a range is [low, high] with low <= high")
+    return value
+
+
+#: ``[low, high]``, low <= high.
+Range = Annotated[tuple[float, float], AfterValidator(_low_high)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+def _shorthand(model: type[BaseModel]) -> Any:
+    """The field type of one transform: its table, a probability or a boolean."""
+    return Annotated[model, BeforeValidator(_augment_shorthand,
+                                            json_schema_input_type=Union[Probability, bool, model])]
+
+
+class AugmentTransform(Strict):
+    p: float = Field(0.0, ge=0, le=1, description="Chance that a patch gets this transform; 0 turns it off.")
+
+
+class FlipOptions(AugmentTransform):
+    p: float = Field(0.5, ge=0, le=1, description="Chance of a flip along each axis (D, H, W), each on its own.")
+
+
+class Rot90Options(AugmentTransform):
+    p: float = Field(0.75, ge=0, le=1, description="Chance of 1 to 3 quarter turns of the (H, W) plane; 0.75 "
+                                                   "makes the four orientations equally likely. Square (H = W) "
+                                                   "windows only: skipped otherwise.")
+
+
+class AffineOptions(AugmentTransform):
+    p: float = Field(0.2, ge=0, le=1, description="Chance of a random rotation and scaling (one resampling).")
+    rotate: Union[Annotated[float, Field(ge=0, le=180)], tuple[float, float, float]] = Field(
+        15.0, description="Largest rotation in degrees about each axis, or [about D, about H, about W] (about D "
+                          "turns the (H, W) plane; about H or W tilts the sheets through the window's depth).")
+    scale: Range = Field((0.85, 1.25), description="Range of the zoom factor, drawn for each axis: above 1 "
+                                                   "magnifies, below 1 shrinks (the window then sees past the "
+                                                   "patch: those voxels become ignore).")
+
+    @field_validator("rotate")
+    @classmethod
+    def _angles(cls, value: Any) -> Any:
+        if isinstance(value, tuple) and not all(0 <= angle <= 180 for angle in value):
+            raise ValueError("every angle is from 0 to 180 degrees")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_zoom(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] <= 0:
+            raise ValueError("a zoom factor is above 0")
+        return value
+
+
+class ElasticOptions(AugmentTransform):
+    p: float = Field(0.0, ge=0, le=1, description="Chance of an elastic deformation (MONAI's Rand3DElasticd: "
+                                                  "uniform noise per voxel, Gaussian-smoothed, as displacements). "
+                                                  "Off by default, as in nnU-Net: it costs about 3 ms of a CPU "
+                                                  "core per deformed 16x64x64 patch.")
+    sigma: Range = Field((6.0, 8.0), description="Range of the smoothing sigma in voxels: larger, smoother folds.")
+    magnitude: Range = Field((100.0, 250.0), description="Range of the factor on the smoothed noise; with the "
+                                                         "default sigma, displacements of up to 1 to 3 voxels.")
+
+    @field_validator("sigma")
+    @classmethod
+    def _positive_sigma(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[0] <= 0:
+            raise ValueError("sigma is above 0")
+        return value
+
+
+class NoiseOptions(AugmentTransform):
+    p: float = Field(0.15, ge=0, le=1, description="Chance of additive Gaussian noise.")
+    std: float = Field(0.05, gt=0, description="Largest standard deviation (the image runs from 0 to 1); each "
+                                               "patch draws its own between 0 and this.")
+
+
+class BlurOptions(AugmentTransform):
+    p: float = Field(0.2, ge=0, le=1, description="Chance of a Gaussian blur.")
+    sigma: Range = Field((0.5, 1.0), description="Range of the blur's sigma in voxels, drawn for each axis.")
+
+
+class ContrastOptions(AugmentTransform):
+    p: float = Field(0.15, ge=0, le=1, description="Chance of a contrast change: the difference to the patch's "
+                                                   "mean times a factor, clipped to the patch's range.")
+    factor: Range = Field((0.75, 1.25), description="Range of the contrast factor.")
+
+
+class GammaOptions(AugmentTransform):
+    p: float = Field(0.3, ge=0, le=1, description="Chance of a gamma curve on the patch's range (mean and "
+                                                  "spread kept, as nnU-Net does).")
+    gamma: Range = Field((0.7, 1.5), description="Range of the gamma exponent.")
+
+
+class LowResolutionOptions(AugmentTransform):
+    p: float = Field(0.25, ge=0, le=1, description="Chance of simulating a coarser scan: downsampled (nearest) by "
+                                                   "a zoom factor, then upsampled back (trilinear).")
+    zoom: Range = Field((0.5, 1.0), description="Range of the zoom factor, above 0 and at most 1.")
+
+    @field_validator("zoom")
+    @classmethod
+    def _fraction(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < value[0] and value[1] <= 1):
+            raise ValueError("a zoom factor here is above 0 and at most 1")
+        return value
+
+
+class IntensityOptions(AugmentTransform):
+    p: float = Field(0.15, ge=0, le=1, description="Chance of a brightness scale; a shift has the same chance, "
+                                                   "drawn on its own.")
+    scale: Range = Field((0.75, 1.25), description="Range of the factor on the image.")
+    shift: float = Field(0.1, ge=0, description="Largest offset added to the image (which runs from 0 to 1).")
+
+
+# The field types of [data.augment]: each transform's table, a probability or a boolean.
+FlipField = _shorthand(FlipOptions)
+Rot90Field = _shorthand(Rot90Options)
+AffineField = _shorthand(AffineOptions)
+ElasticField = _shorthand(ElasticOptions)
+NoiseField = _shorthand(NoiseOptions)
+BlurField = _shorthand(BlurOptions)
+ContrastField = _shorthand(ContrastOptions)
+GammaField = _shorthand(GammaOptions)
+LowResolutionField = _shorthand(LowResolutionOptions)
+IntensityField = _shorthand(IntensityOptions)
+
+
 class Augment(Strict):
-    flips: bool = Field(True, description="Random flips along each axis.")
-    rot90: bool = Field(True, description="Random 90-degree rotations in the (H, W) plane.")
-    intensity: bool = Field(True, description="Random intensity scale and shift.")
-    noise: bool = Field(True, description="Additive Gaussian noise.")
+    """``[data.augment]``: the random transforms of training patches (MONAI's dictionary transforms).
+
+    Geometric ones (flips, rot90, affine, elastic) move the image, label and ignore mask together
+    (the label with nearest interpolation); voxels they bring in from outside the patch are labelled
+    ignore. The others change the image only, and the hole-stitching task skips them.
+    """
+
+    flips: FlipField = Field(default_factory=FlipOptions, description="Random flips.")
+    rot90: Rot90Field = Field(default_factory=Rot90Options,
+                                            description="Random quarter turns of the (H, W) plane.")
+    affine: AffineField = Field(default_factory=AffineOptions,
+                                              description="Random rotation and scaling.")
+    elastic: ElasticField = Field(default_factory=ElasticOptions,
+                                                description="Random elastic deformation.")
+    noise: NoiseField = Field(default_factory=NoiseOptions, description="Additive Gaussian noise.")
+    blur: BlurField = Field(default_factory=BlurOptions, description="Gaussian blur.")
+    intensity: IntensityField = Field(default_factory=IntensityOptions,
+                                                    description="Brightness: intensity scale and shift.")
+    contrast: ContrastField = Field(default_factory=ContrastOptions, description="Contrast.")
+    gamma: GammaField = Field(default_factory=GammaOptions, description="Gamma curve.")
+    low_resolution: LowResolutionField = Field(default_factory=LowResolutionOptions,
+                                                            description="Simulated low resolution.")
 
 
 class DataSpec(Strict):
@@ -319,6 +538,9 @@ class Experiment(Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)
     postprocess: list[PluginRef] = Field(default_factory=list)
+    tracker: list[TrackerRef] = Field(default_factory=list, description=(
+        "[[tracker]] tables: where this run's params, scalars and pictures are sent besides its own records "
+        "(TensorBoard, MLflow, ...); added to vesuvius.toml's, whose tracker of the same plugin this one replaces."))
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
         default_factory=dict,
         description='A grid of runs: key path -> values, e.g. "model.params.encoder" = ["resnet18", "resnet34"]. '

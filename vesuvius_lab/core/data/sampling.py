@@ -3,6 +3,7 @@
 Volumes are memory-mapped, so a patch costs its own bytes, not the whole volume. Each rank and
 each DataLoader worker draws from its own random stream (seeded from the run's seed, the rank,
 the worker and the epoch), so ranks see different patches and a resumed run is reproducible.
+The augmentation (:mod:`vesuvius_lab.core.data.augment`) is seeded from that stream too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vesuvius_lab.core.config.spec import Augment
+from vesuvius_lab.core.data.augment import IGNORE_LABEL, MAX_SEED, PatchAugmenter
 from vesuvius_lab.core.data.corruption import CorruptionParams, punch_holes
 
 #: Foreground coordinates kept per volume for oversampling (a subsample is plenty).
@@ -60,26 +62,8 @@ def crop(source: PatchSource, window: Sequence[int], rng: np.random.Generator,
     if image.shape != tuple(window):
         pad = [(0, w - s) for s, w in zip(image.shape, window)]
         image = np.pad(image, pad)
-        label = np.pad(label, pad, constant_values=2)
+        label = np.pad(label, pad, constant_values=IGNORE_LABEL)
     return image, label
-
-
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-            switches: Augment) -> tuple[np.ndarray, np.ndarray]:
-    """Flips, in-plane 90-degree rotations (square windows), intensity scale/shift and noise."""
-    image = image.astype(np.float32) / 255.0
-    if switches.flips:
-        for axis in range(3):
-            if rng.random() < 0.5:
-                image, label = np.flip(image, axis), np.flip(label, axis)
-    if switches.rot90 and image.shape[1] == image.shape[2]:
-        turns = int(rng.integers(4))
-        image, label = np.rot90(image, turns, (1, 2)), np.rot90(label, turns, (1, 2))
-    if switches.intensity:
-        image = image * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
-    if switches.noise and rng.random() < 0.5:
-        image = image + rng.normal(0, rng.uniform(0, 0.05), image.shape).astype(np.float32)
-    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
 
 def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: CorruptionParams) -> np.ndarray:
@@ -88,21 +72,29 @@ def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: Corru
 
 
 class PatchStream(IterableDataset):
-    """An endless stream of (image (1, D, H, W) float32, label (1, D, H, W) uint8) training patches.
+    """An endless stream of (image (1, D, H, W) float32, label (1, D, H, W) uint8) training patches,
+    augmented as ``switches`` (``[data.augment]``) says.
 
-    With ``corruption`` (the hole-stitching task) the image is the label itself with holes punched
-    into its sheets, and only geometric augmentation applies.
+    With ``skeleton``, each patch also carries its label's skeleton-recall target (1, D, H, W)
+    uint8, computed after augmentation (:func:`vesuvius_lab.core.data.skeleton.skeleton_target`):
+    (image, label, skeleton). With ``corruption`` (the hole-stitching task) the image is the label
+    itself with holes punched into its sheets, and only geometric augmentation applies.
     """
 
     def __init__(self, sources: list[PatchSource], window: Sequence[int], *, foreground_share: float,
-                 switches: Augment, seed: int, rank: int = 0, corruption: CorruptionParams | None = None):
+                 switches: Augment, seed: int, rank: int = 0, corruption: CorruptionParams | None = None,
+                 skeleton: bool = False):
         self.sources, self.window = sources, tuple(window)
         self.foreground_share, self.corruption = foreground_share, corruption
-        if corruption is not None:
-            switches = switches.model_copy(update={"intensity": False, "noise": False})
         self.switches = switches
+        self.augment = PatchAugmenter(switches, self.window, geometric_only=corruption is not None)
         self.seed, self.rank = seed, rank
         self.epoch = 0
+        self.skeleton = skeleton
+        if skeleton:
+            from vesuvius_lab.core.data import skeleton as skeletons
+
+            skeletons.warm_up()  # compiled here, before DataLoader workers fork, so none of them compiles
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the next iterator for this epoch (a resumed run starts its stream where it resumes)."""
@@ -110,11 +102,20 @@ class PatchStream(IterableDataset):
 
     def __iter__(self):
         worker = get_worker_info()
+        import os
+        if worker and os.environ.get('VLAB_NICE'): os.nice(int(os.environ['VLAB_NICE']))
         rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0, self.epoch])
+        self.augment.seed(int(rng.integers(MAX_SEED)))
+        if self.skeleton:
+            from vesuvius_lab.core.data.skeleton import skeleton_target
         while True:
             source = self.sources[rng.integers(len(self.sources))]
             image, label = crop(source, self.window, rng, rng.random() < self.foreground_share)
             if self.corruption is not None:
                 image = damaged_label(label, rng, self.corruption)
-            image, label = augment(image, label, rng, self.switches)
-            yield torch.from_numpy(image[None]), torch.from_numpy(label[None])
+            image, label = self.augment(image, label)
+            if self.skeleton:
+                target = skeleton_target(label[0].numpy(), ignore_label=IGNORE_LABEL, thicken=1)
+                yield image, label, torch.from_numpy(target[None])
+            else:
+                yield image, label

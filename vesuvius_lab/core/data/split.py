@@ -26,10 +26,11 @@ class TrainingSplit:
 
 
 def make_split(spec: Experiment) -> TrainingSplit:
-    """Fold ``spec.data.fold`` of ``spec.data.folds`` folds, grouped as ``spec.data.group_by`` says."""
+    """Fold ``spec.data.fold`` of ``spec.data.folds`` folds, grouped as ``spec.data.group_by`` says;
+    fold "all" trains on every volume and validates on none."""
     dataset = Dataset.open(Path(spec.data.root))
     folds = dataset.folds(spec.data.folds, spec.data.group_by)
-    train_ids, val_ids = folds.split(spec.data.fold)
+    train_ids, val_ids = (dataset.ids, []) if spec.data.fold == "all" else folds.split(spec.data.fold)
     return TrainingSplit(dataset, train_ids, val_ids, [list(ids) for ids in folds.validation], folds.note)
 
 

@@ -145,7 +145,7 @@ def _row(experiment: str, records: list[RunRecord]) -> Row:
 class Notice:
     """A run or an experiment the table cannot show as it is: why, and where to look."""
 
-    kind: str  # killed, failed, running, interrupted, unfinished, no score, missing folds, superseded, mixed settings
+    kind: str  # killed, failed, running, interrupted, unfinished, no score, not validated, missing folds, superseded, ...
     experiment: str
     message: str
     run: str | None = None
@@ -169,6 +169,10 @@ def _run_notice(record: RunRecord) -> Notice:
                     "summary.json)",
     }
     kind = state if state in messages else "unfinished"
+    if kind == "finished" and record.all_data:
+        return Notice("not validated", record.experiment,
+                      "fold all: trained on every volume, so not validated; it predicts test volumes "
+                      "(`vlab predict`, `vlab submit`) and an ensemble's test volumes", record.run.id, record.run.path)
     if kind == "finished":
         kind = "no score"
     message = messages.get(state, f"{fold}: state {state!r}{progress} (no readable status.json)")

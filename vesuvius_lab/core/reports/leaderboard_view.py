@@ -23,7 +23,7 @@ from vesuvius_lab.core.reports.row_filter import MISSING, as_number
 
 DASH = "—"
 NOTICE_STYLES = {"killed": "red", "failed": "red", "running": "yellow", "interrupted": "yellow",
-                 "unfinished": "yellow", "no score": "yellow", "missing folds": "yellow",
+                 "unfinished": "yellow", "no score": "yellow", "not validated": "cyan", "missing folds": "yellow",
                  "superseded": "dim", "mixed settings": "magenta"}
 
 

@@ -19,10 +19,10 @@ from vesuvius_lab.core.config.spec import Experiment, ensemble_column
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs, latest_finished
 
-#: Spec keys never shown as differing columns: identity, paths, the fold, and what the plugin
-#: columns already show.
-HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", "tune", "model.plugin",
-                    "inference.blend.plugin")
+#: Spec keys never shown as differing columns: identity, paths, the fold, where a run is watched
+#: (its trackers), and what the plugin columns already show.
+HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", "tune", "tracker",
+                    "model.plugin", "inference.blend.plugin")
 HIDDEN_SPEC_PATTERNS = (("loss", "plugin"), ("loss", "weight"), ("postprocess", "plugin"))
 
 
@@ -50,6 +50,11 @@ class RunRecord:
     def fold(self) -> int | None:
         fold = _as_dict(self.spec.get("data")).get("fold", self.summary.get("fold"))
         return fold if isinstance(fold, int) else None
+
+    @property
+    def all_data(self) -> bool:
+        """Trained with data.fold = "all": on every volume, so never validated."""
+        return _as_dict(self.spec.get("data")).get("fold") == "all"
 
     @property
     def folds(self) -> int | None:
@@ -143,7 +148,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _hidden(key: str) -> bool:
-    if key in HIDDEN_SPEC_KEYS or any(key.startswith(k + ".") for k in ("sweep", "tune")):
+    if key in HIDDEN_SPEC_KEYS or any(key.startswith(k + ".") for k in ("sweep", "tune", "tracker")):
         return True
     parts = key.split(".")
     return len(parts) == 3 and parts[1].isdigit() and (parts[0], parts[2]) in HIDDEN_SPEC_PATTERNS
@@ -175,8 +180,9 @@ def plugin_summary(spec: dict, components: Any = None) -> dict[str, str]:
         return {"model": ensemble_column(spec["ensemble"]), "loss": "—", "blend": "—",
                 "postprocess": " → ".join(name(step) for step in steps) or "—"}
     used = {key: value for key, value in _as_dict(components).items() if key in COMPONENT_KEYS and isinstance(value, str)}
+    init = _as_dict(spec.get("train")).get("init")
     return {
-        "model": name(spec.get("model")),
+        "model": name(spec.get("model")) + (f" (from {init})" if isinstance(init, str) and init else ""),
         "loss": " + ".join(f"{name(t)} {_short(t.get('weight', 1.0))}" if len(losses) > 1 else name(t)
                            for t in losses) or "?",
         "blend": name(_as_dict(spec.get("inference")).get("blend", {"plugin": "gaussian"})),

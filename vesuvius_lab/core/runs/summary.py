@@ -22,6 +22,9 @@ def write_summary(run: Run, spec: Experiment, *, wall_time: float, parameters: i
         **(scores.get("mean") or {}), "steps": scores.get("steps", {}),
         "best_epoch": best_epoch, "epochs": epochs_done,
         "wall_time_s": previous.get("wall_time_s", 0.0) + wall_time, "parameters": parameters,
-        **({"components": dict(components)} if components else {}), **(extra or {}),
+        **({"components": dict(components)} if components else {}),
+        **({"init": spec.train.init} if spec.train.init else {}),  # fine-tuned from this run or file
+        **({"validated": False} if not scores.get("mean") else {}),  # e.g. fold "all": no held-out volume
+        **(extra or {}),
     })
     run.set_status("finished")

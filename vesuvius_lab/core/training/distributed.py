@@ -50,9 +50,11 @@ def shutdown() -> None:
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size)."""
+    """(rank, world size); under torchrun known from its environment before the group exists."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if launched_by_torchrun():
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1
 
 

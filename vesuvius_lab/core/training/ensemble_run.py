@@ -54,6 +54,9 @@ def build_ensemble(loaded: LoadedExperiment, project: Project, *, device: str = 
             result = _score(predictor, spec, dataset, images, keys, project, device)
             run.write("scores.json", {"epoch": None, **result.to_dict()})
             _log(run, f"validation score {result.score:.4f} on {len(volumes)} out-of-fold volume(s)")
+        elif all_data := [m.label for m in members if any(r.spec.data.fold == "all" for r in m.runs)]:
+            _log(run, f"member(s) {', '.join(all_data)} trained on every volume (fold all), so no volume is out-of-fold "
+                      "for all members: the ensemble is not validated; it predicts test volumes (`vlab submit`).")
         else:
             _log(run, "warning: no training volume is held out by every member (their validation folds do not "
                       "overlap), so the ensemble has no honest validation score. Use members trained with the "

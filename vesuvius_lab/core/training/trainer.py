@@ -35,9 +35,11 @@ from vesuvius_lab.core.inference.stitch_merge import merge_stitched
 from vesuvius_lab.core.models import count_parameters
 from vesuvius_lab.core.runs.folder import Run, environment, new_run, open_run, read_spec
 from vesuvius_lab.core.runs.lock import RunLock
-from vesuvius_lab.core.training import distributed
+from vesuvius_lab.core.training import distributed, tracking
 from vesuvius_lab.core.runs.summary import write_summary
 from vesuvius_lab.core.training.validation import ValidationResult, validate
+from vesuvius_lab.core.training.warm_start import InitSource, load_initial_weights, resolve_init
+from vesuvius_lab.core.training.weight_average import WeightAverage
 
 
 class NonFiniteLoss(UserError):
@@ -80,6 +82,7 @@ class Setup:
     device: str
     split: TrainingSplit
     resume: bool
+    init: InitSource | None = None  # [train] init, resolved; not used when resuming
 
 
 def resolve_device(setting: str) -> str:
@@ -119,8 +122,10 @@ def _train(loaded: LoadedExperiment | None, project: Project, nproc: int | None,
         run = None
     device = resolve_device(project.settings.device)
     split = make_split(spec)
+    init = resolve_init(spec.train.init, project.runs_dir) if spec.train.init and resume is None else None
     if distributed.is_main() and not distributed.launched_by_torchrun():
         check_volumes(split, spec.data.window, project.cache_dir)
+        _check_init(spec, init)
         # Build the chain once now: a step that cannot load (a missing stitcher run) fails before training.
         build_chain(spec.postprocess, threshold=spec.inference.threshold, device=device, runs_dir=project.runs_dir)
     world_size = int(os.environ["WORLD_SIZE"]) if distributed.launched_by_torchrun() else spec.train.nproc
@@ -130,7 +135,7 @@ def _train(loaded: LoadedExperiment | None, project: Project, nproc: int | None,
         run = _start_run(spec, project, device, world_size)
         held.enter_context(RunLock(run))
     run = Run(Path(distributed.broadcast_object(str(run.path) if run else None)))
-    setup = Setup(spec, run.path, project.runs_dir, project.cache_dir, device, split, resume is not None)
+    setup = Setup(spec, run.path, project.runs_dir, project.cache_dir, device, split, resume is not None, init)
     if distributed.is_main():
         _log(run, f"run {run.path}")
         if split.note:
@@ -164,6 +169,15 @@ def _train(loaded: LoadedExperiment | None, project: Project, nproc: int | None,
     return run
 
 
+def _check_init(spec: Experiment, init: InitSource | None) -> None:
+    """A torch model's initial weights must fit it: refused before a run folder exists."""
+    if init is None:
+        return
+    model = build_model(spec)
+    if not isinstance(model, SelfTrainingModel):  # a backend maps init onto its own mechanism
+        load_initial_weights(model, init)
+
+
 def _start_run(spec: Experiment, project: Project, device: str, world_size: int) -> Run:
     run = new_run(project.runs_dir, spec.name, spec.data.fold)
     run.write("spec.json", spec.model_dump(mode="json"))
@@ -191,7 +205,8 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     distributed.init(rank, world_size, device, port)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)  # --jobs pins
+    torch.set_num_threads(max(1, len(cores) // world_size))
     try:
         with interrupts.stop_signals():
             Trainer(setup, rank, world_size, device).fit()
@@ -220,6 +235,9 @@ class Trainer:
         self.run = Run(setup.run_path)
         torch.manual_seed(self.spec.train.seed + rank)
         self.model = build_model(self.spec).to(device)
+        if setup.init is not None and not setup.resume:
+            _log(self.run, load_initial_weights(self.model, setup.init))
+        self.average = WeightAverage(self.model, self.spec.train.ema) if self.spec.train.ema else None
         self.objective = build_objective(self.spec.loss)
         self.optimizer = _optimizer(self.spec, self.model.parameters())
         self.steps_per_epoch = max(1, self.spec.train.iterations_per_epoch // self.spec.train.grad_accum)
@@ -243,8 +261,10 @@ class Trainer:
         """The checkpoint after ``epoch`` is complete, or, with ``partial``, in the middle of epoch + 1:
         a resume continues at ``resume_at`` = (epoch index, iteration) with the same schedule."""
         resume_at = (epoch + 1, 0) if partial is None else (epoch + 1, partial.iterations)
+        # "model" is what predicts: the weight average when [train] ema is set, the raw weights beside it.
+        averaged = {"raw_model": self.model.state_dict(), "ema_updates": self.average.updates} if self.average else {}
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.evaluated_model.state_dict(), **averaged, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "epoch": epoch, "resume_at": list(resume_at), "partial_epoch": partial.to_dict() if partial else None,
             "best_score": self.best_score, "best_epoch": self.best_epoch,
@@ -256,6 +276,9 @@ class Trainer:
         path = self.run.checkpoints / "last.pt"
         state = checkpoint.load(path, map_location=self.device)
         checkpoint.load_model_state(self.model, state, path, self.spec.model.plugin, self.spec.model.params)
+        if self.average is not None and "raw_model" in state:
+            self.average.load_state_dict({"weights": state["model"], "updates": state["ema_updates"]})
+            self.model.load_state_dict(state["raw_model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -266,6 +289,11 @@ class Trainer:
         where = f"after epoch {self.start_epoch}" if not self.start_iteration else \
             f"in epoch {self.start_epoch + 1} at iteration {self.start_iteration + 1}"
         _log(self.run, f"resuming {where} (best score so far {self.best_score:.4f})")
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What validation and prediction use: the weight average when there is one."""
+        return self.average.model if self.average is not None else self.model
 
     def _save(self, name: str, epoch: int, partial: EpochSums | None = None) -> None:
         if self.rank == 0:
@@ -280,20 +308,23 @@ class Trainer:
         batches = self.batches(self.start_epoch)
         started = time.time()
         # A stop signal is handled at the next step boundary (see core/interrupts.py); a forced
-        # stop (a second Ctrl-C) keeps the last checkpoint saved at such a boundary.
-        with interrupts.deferred():
-            for epoch in range(self.start_epoch, spec.epochs):
-                self.run.set_status("running", epoch=epoch + 1) if self.rank == 0 else None
-                record = self._train_epoch(epoch, batches)
-                if (epoch + 1) % spec.validate_every == 0 or epoch + 1 == spec.epochs:
-                    record["val"] = self._validate_and_keep_best(epoch)
-                self._save("last", epoch)
-                if self.rank == 0:
-                    self.run.append_metrics(record)
-                self._print_epoch(record) if self.rank == 0 else None
-                self._stop_if_asked()
-        if self.rank == 0:
-            self._finish(time.time() - started)
+        # stop (a second Ctrl-C) keeps the last checkpoint saved at such a boundary. Trackers (rank 0)
+        # get each epoch's record, and the summary and pictures when the block ends.
+        with tracking.tracked(self.spec, self.run.path, self.setup.runs_dir, enabled=self.rank == 0) as trackers:
+            with interrupts.deferred():
+                for epoch in range(self.start_epoch, spec.epochs):
+                    self.run.set_status("running", epoch=epoch + 1) if self.rank == 0 else None
+                    record = self._train_epoch(epoch, batches)
+                    if (epoch + 1) % spec.validate_every == 0 or epoch + 1 == spec.epochs:
+                        record["val"] = self._validate_and_keep_best(epoch)
+                    self._save("last", epoch)
+                    if self.rank == 0:
+                        self.run.append_metrics(record)
+                        trackers.log_epoch(record)
+                    self._print_epoch(record) if self.rank == 0 else None
+                    self._stop_if_asked()
+            if self.rank == 0:
+                self._finish(time.time() - started)
         distributed.barrier()  # every rank leaves together: none tears down its group while another still talks
 
     def batches(self, start_epoch: int):
@@ -310,7 +341,8 @@ class Trainer:
         stitching = self.spec.data.task == "hole_stitching"
         self.stream = PatchStream(sources, self.spec.data.window, foreground_share=self.spec.data.foreground_oversample,
                                   switches=self.spec.data.augment, seed=train.seed, rank=self.rank,
-                                  corruption=self.spec.data.corruption if stitching else None)
+                                  corruption=self.spec.data.corruption if stitching else None,
+                                  skeleton=self.objective.wants("skeleton"))  # made in the workers, when asked
         self.stream.set_epoch(start_epoch)
         return iter(DataLoader(self.stream, batch_size=train.batch_size, num_workers=train.workers,
                                pin_memory=self.device.startswith("cuda")))
@@ -324,9 +356,9 @@ class Trainer:
         with _progress(self.rank == 0, f"epoch {epoch + 1}/{spec.epochs}", spec.iterations_per_epoch) as advance:
             advance(advance=first)
             for index in range(first, spec.iterations_per_epoch):
-                image, label = next(batches)
+                image, label, *skeleton = next(batches)  # a skeleton target when a loss asks for one
                 last_of_step = (index + 1) % spec.grad_accum == 0 or index + 1 == spec.iterations_per_epoch
-                loss, terms = self.train_step(image, label, step=last_of_step, where=(epoch, index))
+                loss, terms = self.train_step(image, label, *skeleton, step=last_of_step, where=(epoch, index))
                 sums.add({"loss": loss, **terms})
                 advance(loss=loss.item())
                 if last_of_step and index + 1 < spec.iterations_per_epoch:
@@ -349,19 +381,23 @@ class Trainer:
         distributed.barrier()
         raise interrupts.Interrupted(signum)
 
-    def train_step(self, image: torch.Tensor, label: torch.Tensor, *, step: bool = True,
-                   where: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict]:
-        """Forward and backward one batch (and step the optimizer when ``step``); detached loss and terms."""
+    def train_step(self, image: torch.Tensor, label: torch.Tensor, skeleton: torch.Tensor | None = None, *,
+                   step: bool = True, where: tuple[int, int] = (0, 0)) -> tuple[torch.Tensor, dict]:
+        """Forward and backward one batch (and step the optimizer when ``step``); detached loss and terms.
+        ``where`` is (epoch index, iteration): loss terms with a start_epoch steer from their epoch on."""
         image = image.to(self.device, non_blocking=True)
         label = label.to(self.device, non_blocking=True)
+        if skeleton is not None:
+            skeleton = skeleton.to(self.device, non_blocking=True)
         ignore = self.spec.data.ignore_label
         valid = label != ignore if ignore is not None else torch.ones_like(label, dtype=torch.bool)
         target = (label == 1).float()
         sync = nullcontext() if step or self.world_size == 1 else self.ddp_model.no_sync()
         with sync:
             with _autocast(self.device, self.amp_dtype):
-                logits = self.ddp_model(image)
-                loss, terms = self.objective(logits, target, valid, inputs=image)
+                logits = self.ddp_model(image)  # a list of heads for a network with deep supervision
+                loss, terms = self.objective(logits, target, valid, inputs=image, skeleton=skeleton, epoch=where[0],
+                                             head_weights=getattr(self.model, "deep_supervision_weights", None))
             if not torch.isfinite(loss):
                 epoch, index = where
                 raise NonFiniteLoss(
@@ -383,13 +419,15 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update(self.model)
 
     # ------------------------------------------------------------------ validation
 
     def _validate_and_keep_best(self, epoch: int) -> dict | None:
         result = None
         if self.rank == 0 and self.setup.split.val_ids:
-            result = validate_model(self.model, self.spec, self.setup, self.device)
+            result = validate_model(self.evaluated_model, self.spec, self.setup, self.device)
             if result.score > self.best_score:
                 self.best_score, self.best_epoch = result.score, epoch + 1
                 self._save("best", epoch)
@@ -442,11 +480,18 @@ def _validation_cases(setup: Setup):
 
 
 def _train_backend(model: SelfTrainingModel, setup: Setup, run: Run) -> None:
+    with tracking.tracked(setup.spec, run.path, setup.runs_dir, enabled=distributed.is_main()) as trackers:
+        _train_backend_tracked(model, setup, run, trackers)
+
+
+def _train_backend_tracked(model: SelfTrainingModel, setup: Setup, run: Run, trackers: tracking.Trackers) -> None:
+    """The backend trains; the core validates and records it. Trackers get the final record and summary."""
     spec = setup.spec
     started = time.time()
     job = TrainJob(spec=spec, data_root=Path(spec.data.root), train_ids=setup.split.train_ids,
                    val_ids=setup.split.val_ids, fold=spec.data.fold, folds=setup.split.folds,
                    run_dir=run.path, cache_dir=setup.cache_dir, device=setup.device,
+                   init=setup.init.path if setup.init is not None else None,
                    log=lambda message: _log(run, message))
     model.train(job)
     model.load(run.path, setup.device)
@@ -460,6 +505,7 @@ def _train_backend(model: SelfTrainingModel, setup: Setup, run: Run) -> None:
         record["val"] = {**result.mean, "steps": result.steps}
         _log(run, f"validation score {result.score:.4f}")
     run.append_metrics(record)
+    trackers.log_epoch(record)
     write_summary(run, spec, wall_time=time.time() - started, parameters=getattr(model, "parameters_count", None),
                   epochs_done=spec.train.epochs, best_epoch=spec.train.epochs, kind=run_kind(spec, model),
                   components=getattr(model, "components", None))

@@ -45,6 +45,7 @@ def source_runs(spec: Experiment, runs_dir: Path) -> list[Run]:
     """The runs whose predictions are tuned on: the newest finished run of each fold of a [model]
     experiment, or its newest finished ensemble run."""
     newest: dict[int, Run] = {}
+    all_data: list[Run] = []
     for run in sorted(find_runs(runs_dir), key=lambda r: r.id):
         if run.experiment != spec.name or effective_state(run) != "finished":
             continue
@@ -52,7 +53,14 @@ def source_runs(spec: Experiment, runs_dir: Path) -> list[Run]:
         if (recorded.get("ensemble") is not None) != (spec.ensemble is not None):
             continue
         fold = (recorded.get("data") or {}).get("fold", 0)
+        if fold == "all":  # trained on every volume: none is out-of-fold
+            all_data.append(run)
+            continue
         newest[0 if spec.ensemble is not None else fold] = run
+    if not newest and all_data:
+        raise UserError(f'experiment "{spec.name}": its finished runs ({", ".join(r.id for r in all_data)}) trained on '
+                        "every volume (data.fold = \"all\"), so none holds a volume out and there is nothing honest to "
+                        "validate or tune on. Train cross-validation folds (`vlab run FILE --folds all`) and tune those.")
     if not newest:
         what = "built ensemble run" if spec.ensemble is not None else "trained run"
         how = "vlab ensemble FILE" if spec.ensemble is not None else "vlab run FILE --folds all"
