@@ -1,15 +1,30 @@
 """Training throughput: the whole pipeline (memory-mapped volumes, patch sampling, augmentation,
 DataLoader workers) against the model alone on a batch already in memory.
 
-    .venv/bin/python benchmarks/train.py [--experiment experiments/quick/unet25d.toml] [--iterations 20] [--summary FILE]
+    .venv/bin/python benchmarks/train.py [--experiment experiments/quick/unet25d.toml] [--iterations 20]
+                                         [--rounds 2] [--skeleton on|off] [--set KEY=VALUE] [--summary FILE]
 
 Prints samples/s of both and their ratio (target: at least 0.9, i.e. the loader never starves
-the model). Both run the same train_step (forward, loss, backward, optimizer step).
+the model). Both run the same train_step (forward, loss, backward, optimizer step). The
+augmentation is the experiment's ``[data.augment]`` (the defaults for the quick experiments).
+A loss term that takes skeleton targets (``skeleton_recall``) makes every batch carry them,
+computed by the loader workers (the model-alone step gets them from memory too); ``--skeleton
+on`` or ``off`` adds or removes such a term.
+
+Before timing, the loader's prefetched batches are used up, so the pipeline is measured in its
+steady state rather than on batches made while the first step ran. The pipeline and the model
+alone are timed in alternating rounds and the best round of each is kept, so a burst of load
+from elsewhere on a shared machine does not decide the ratio. On a machine busy with other work
+the wall-clock ratio says little, so the CPU time of the loader's workers and of the model's step
+per batch are printed too: when the model keeps every core busy, the ratio tends to
+model / (model + loader) of those.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,17 +36,51 @@ from rich.table import Table
 
 from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.config.project import load_project
+from vesuvius_lab.core.config.spec import LossTerm
 from vesuvius_lab.core.data.split import make_split
 from vesuvius_lab.core.data.synthetic import write_dataset
 from vesuvius_lab.core.runs.folder import new_run
 from vesuvius_lab.core.training.trainer import Setup, Trainer
+
+#: Batches a DataLoader holds ready per worker (its default ``prefetch_factor``).
+PREFETCH = 2
+#: The loss that takes skeleton targets from the loader.
+SKELETON_LOSS = "skeleton_recall"
+
+
+def skeleton_terms(spec, choice: str | None):
+    """The experiment with a skeleton-recall loss term added (``on``) or removed (``off``): such a term
+    makes the trainer ask its loader for skeleton targets."""
+    terms = list(spec.loss)
+    if choice == "on" and not any(term.plugin == SKELETON_LOSS for term in terms):
+        terms.append(LossTerm.model_validate({"plugin": SKELETON_LOSS, "weight": 1.0}))
+    elif choice == "off":
+        terms = [term for term in terms if term.plugin != SKELETON_LOSS]
+    return spec.model_copy(update={"loss": terms})
+
+
+def worker_cpu_seconds(batches) -> float:
+    """CPU seconds the DataLoader's worker processes have used so far (from /proc; nan elsewhere)."""
+    total = 0.0
+    for worker in getattr(batches, "_workers", []):
+        try:
+            fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="experiments/quick/unet25d.toml")
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds; the best of each is kept")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skeleton", choices=("on", "off"), help="add (on) or remove (off) a skeleton_recall "
+                        "loss term, whose skeleton targets the loader workers compute; default: as the experiment")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the experiment, as vlab's --set (e.g. data.augment.elastic=0)")
     parser.add_argument("--shape", type=int, nargs=3, default=(64, 128, 128), help="synthetic volume shape")
     _summary.add_argument(parser)
     args = parser.parse_args()
@@ -42,30 +91,44 @@ def main() -> None:
         project = load_project().with_overrides(data=str(data), runs=str(Path(tmp) / "runs"), device="cpu")
         loaded = load_experiment(args.experiment, [f"train.iterations_per_epoch={args.iterations}",
                                                    f"train.workers={args.workers}", "train.grad_accum=1",
-                                                   "data.folds=3"])
-        spec = project.resolve(loaded.spec)
+                                                   "data.folds=3", *args.set])
+        spec = project.resolve(skeleton_terms(loaded.spec, args.skeleton))
         run = new_run(project.runs_dir, spec.name, spec.data.fold)
         setup = Setup(spec, run.path, project.runs_dir, project.cache_dir, "cpu", make_split(spec), resume=False)
         trainer = Trainer(setup, 0, 1, "cpu")
         batches = trainer.batches(start_epoch=0)
-        image, label = next(batches)  # warm-up: workers started, first-call allocations and kernels
-        trainer.train_step(image, label)
-        pipeline = trainer._train_epoch(0, batches)["samples_per_s"]
-        started = time.perf_counter()
-        for _ in range(args.iterations):
-            trainer.train_step(image, label)
-        alone = args.iterations * spec.train.batch_size / (time.perf_counter() - started)
+        batch = next(batches)  # warm-up: workers started, first-call allocations and kernels
+        trainer.train_step(*batch)
+        for _ in range(PREFETCH * args.workers + 1):  # the batches made during warm-up are gone
+            trainer.train_step(*next(batches))
+        pipeline, alone, loader_cpu, model_cpu = 0.0, 0.0, math.inf, math.inf
+        for _ in range(args.rounds):
+            before = worker_cpu_seconds(batches)
+            pipeline = max(pipeline, trainer._train_epoch(0, batches)["samples_per_s"])
+            loader_cpu = min(loader_cpu, (worker_cpu_seconds(batches) - before) / args.iterations)
+            started, cpu = time.perf_counter(), time.process_time()
+            for _ in range(args.iterations):
+                trainer.train_step(*batch)
+            alone = max(alone, args.iterations * spec.train.batch_size / (time.perf_counter() - started))
+            model_cpu = min(model_cpu, (time.process_time() - cpu) / args.iterations)
+    targets = "with skeleton targets" if len(batch) == 3 else "no skeleton targets"
     table = Table(title=f"training throughput: {spec.name}, window {tuple(spec.data.window)}, batch "
-                        f"{spec.train.batch_size}, {args.workers} workers, torch threads {torch.get_num_threads()}")
-    for column in ("pipeline samples/s", "model alone samples/s", "ratio (target >= 0.9)"):
+                        f"{spec.train.batch_size}, {args.workers} workers, torch threads {torch.get_num_threads()}, "
+                        f"{targets}")
+    for column in ("pipeline samples/s", "model alone samples/s", "ratio (target >= 0.9)", "loader CPU ms/batch",
+                   "model CPU ms/batch", "model / (model + loader) CPU"):
         table.add_column(column, justify="right")
-    table.add_row(f"{pipeline:.2f}", f"{alone:.2f}", f"{pipeline / alone:.3f}")
+    table.add_row(f"{pipeline:.2f}", f"{alone:.2f}", f"{pipeline / alone:.3f}", f"{1000 * loader_cpu:.1f}",
+                  f"{1000 * model_cpu:.1f}", f"{model_cpu / (model_cpu + loader_cpu):.3f}")
     console.print(table)
     _summary.write(args.summary, [_summary.row(
-        "train", f"training samples/s, {spec.name}, window {'x'.join(map(str, spec.data.window))}", pipeline,
+        "train", f"training samples/s, {spec.name}, window {'x'.join(map(str, spec.data.window))}"
+                 + (", skeleton targets" if len(batch) == 3 else ""), pipeline,
         "samples/s", peer=alone, peer_name="model alone, batch in memory", target=">= 0.9",
-        note=f"batch {spec.train.batch_size}, {args.workers} workers, {args.iterations} iterations, "
-             f"volumes {'x'.join(map(str, args.shape))}")])
+        note=f"batch {spec.train.batch_size}, {args.workers} workers, {args.iterations} iterations, best of "
+             f"{args.rounds} rounds, volumes {'x'.join(map(str, args.shape))}; CPU per batch: loader "
+             f"{1000 * loader_cpu:.1f} ms, model {1000 * model_cpu:.1f} ms"
+             + (f", --set {' '.join(args.set)}" if args.set else ", the experiment's augmentation"))])
 
 
 if __name__ == "__main__":
