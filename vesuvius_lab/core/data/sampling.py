@@ -102,8 +102,6 @@ class PatchStream(IterableDataset):
 
     def __iter__(self):
         worker = get_worker_info()
-        import os
-        if worker and os.environ.get('VLAB_NICE'): os.nice(int(os.environ['VLAB_NICE']))
         rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0, self.epoch])
         self.augment.seed(int(rng.integers(MAX_SEED)))
         if self.skeleton:
