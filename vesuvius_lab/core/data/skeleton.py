@@ -28,58 +28,43 @@ OPEN = 1 << 20
 
 
 @numba.njit(cache=True)
-def _run_lengths(mask: np.ndarray) -> np.ndarray:
-    """(3, D, H, W) int32: the length of the run of set voxels through each voxel along each axis,
-    plus :data:`OPEN` for a run that touches a face."""
-    depth, height, width = mask.shape
-    runs = np.zeros((3, depth, height, width), np.int32)
-    for h in range(height):  # along D
-        for w in range(width):
-            d = 0
-            while d < depth:
-                if not mask[d, h, w]:
-                    d += 1
+def _runs_along_last_axis(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each set voxel: the length of its run of set voxels along the last axis (plus
+    :data:`OPEN` when the run touches a face) and its offset within the run."""
+    rows, columns, size = mask.shape
+    lengths = np.zeros(mask.shape, np.int32)
+    offsets = np.zeros(mask.shape, np.int32)
+    for r in range(rows):
+        for c in range(columns):
+            start = 0
+            while start < size:
+                if not mask[r, c, start]:
+                    start += 1
                     continue
-                end = d
-                while end < depth and mask[end, h, w]:
+                end = start
+                while end < size and mask[r, c, end]:
                     end += 1
-                length = end - d + (OPEN if d == 0 or end == depth else 0)
-                for k in range(d, end):
-                    runs[0, k, h, w] = length
-                d = end
-    for d in range(depth):  # along H
-        for w in range(width):
-            h = 0
-            while h < height:
-                if not mask[d, h, w]:
-                    h += 1
-                    continue
-                end = h
-                while end < height and mask[d, end, w]:
-                    end += 1
-                length = end - h + (OPEN if h == 0 or end == height else 0)
-                for k in range(h, end):
-                    runs[1, d, k, w] = length
-                h = end
-    for d in range(depth):  # along W
-        for h in range(height):
-            w = 0
-            while w < width:
-                if not mask[d, h, w]:
-                    w += 1
-                    continue
-                end = w
-                while end < width and mask[d, h, end]:
-                    end += 1
-                length = end - w + (OPEN if w == 0 or end == width else 0)
-                for k in range(w, end):
-                    runs[2, d, h, k] = length
-                w = end
-    return runs
+                length = end - start + (OPEN if start == 0 or end == size else 0)
+                for k in range(start, end):
+                    lengths[r, c, k] = length
+                    offsets[r, c, k] = k - start
+                start = end
+    return lengths, offsets
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(3, D, H, W) run lengths and offsets along D, H and W."""
+    lengths, offsets = [], []
+    for axis in range(3):
+        along = np.ascontiguousarray(np.moveaxis(mask, axis, -1))
+        length, offset = _runs_along_last_axis(along)
+        lengths.append(np.moveaxis(length, -1, axis))
+        offsets.append(np.moveaxis(offset, -1, axis))
+    return np.ascontiguousarray(np.stack(lengths)), np.ascontiguousarray(np.stack(offsets))
 
 
 @numba.njit(cache=True)
-def _keep_middles(mask: np.ndarray, runs: np.ndarray, thickness: np.ndarray) -> np.ndarray:
+def _keep_middles(mask: np.ndarray, runs: np.ndarray, offsets: np.ndarray, thickness: np.ndarray) -> np.ndarray:
     """The middle voxel of every run whose axis is (one of) the thinnest at that voxel."""
     depth, height, width = mask.shape
     keep = np.zeros(mask.shape, np.bool_)
@@ -90,22 +75,8 @@ def _keep_middles(mask: np.ndarray, runs: np.ndarray, thickness: np.ndarray) -> 
                     continue
                 thinnest = min(thickness[0, d, h, w], thickness[1, d, h, w], thickness[2, d, h, w])
                 for axis in range(3):
-                    if thickness[axis, d, h, w] > thinnest + 1e-3:
-                        continue
-                    length = runs[axis, d, h, w] % OPEN
-                    # Is (d, h, w) the middle of its run along this axis? Its offset in the run is the
-                    # number of set voxels before it along the axis, within the run.
-                    offset = 0
-                    if axis == 0:
-                        while d - offset - 1 >= 0 and mask[d - offset - 1, h, w]:
-                            offset += 1
-                    elif axis == 1:
-                        while h - offset - 1 >= 0 and mask[d, h - offset - 1, w]:
-                            offset += 1
-                    else:
-                        while w - offset - 1 >= 0 and mask[d, h, w - offset - 1]:
-                            offset += 1
-                    if offset == (length - 1) // 2:
+                    if thickness[axis, d, h, w] <= thinnest + 1e-3 and \
+                            offsets[axis, d, h, w] == (runs[axis, d, h, w] % OPEN - 1) // 2:
                         keep[d, h, w] = True
     return keep
 
@@ -164,8 +135,8 @@ def medial_surface(mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"medial_surface takes a (D, H, W) volume, got {mask.ndim} dimensions")
     if not mask.any():
         return np.zeros(mask.shape, np.bool_)
-    runs = _run_lengths(mask)
-    return _keep_middles(mask, runs, _local_thickness(mask, runs))
+    runs, offsets = _runs(mask)
+    return _keep_middles(mask, runs, offsets, _local_thickness(mask, runs))
 
 
 def skeleton_target(label: np.ndarray, ignore_label: int | None = 2, thicken: int = 1) -> np.ndarray:
