@@ -1,11 +1,13 @@
 """The nnU-Net backend: conversion, caching, fold mapping, validation checks, a tiny real training
-and prediction equal to nnU-Net's own predictor."""
+and prediction equal to nnU-Net's own predictor; the skeleton-recall trainer, fold "all", starting
+from an earlier run's weights and the patch_size param."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from vesuvius_lab.plugins.nnunet.conversion import convert_dataset
 from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ
 from vesuvius_lab.plugins.nnunet.params import NnUNetParams, Shrink
 from vesuvius_lab.plugins.nnunet.prediction import PredictionSettings, prediction_settings
-from vesuvius_lab.plugins.nnunet.shrink import apply_shrink
+from vesuvius_lab.plugins.nnunet.shrink import apply_shrink, customize_plans
 from vesuvius_lab.plugins.nnunet.splits import splits_from_folds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,17 +72,23 @@ def tiny_data(tmp_path_factory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("nnunet") / "data")
 
 
-def make_job(data: Path, run_dir: Path, cache: Path, fold: int, params: dict, log: list, *, epochs: int = 1,
-             iterations: int = 2, nproc: int = 1) -> TrainJob:
+def make_job(data: Path, run_dir: Path, cache: Path, fold: int | str, params: dict, log: list, *, epochs: int = 1,
+             iterations: int = 2, nproc: int = 1, init: Path | None = None) -> TrainJob:
     spec = Experiment.model_validate({
         "name": "nnunet-test", "data": {"root": str(data), "fold": fold},
         "model": {"plugin": "nnunet", "params": params},
         "train": {"epochs": epochs, "iterations_per_epoch": iterations, "nproc": nproc, "seed": 0, "workers": 0},
     })
-    val_ids = FOLDS[fold]
+    val_ids = [] if fold == "all" else FOLDS[fold]
     train_ids = [case for other in FOLDS for case in other if case not in val_ids]
     return TrainJob(spec=spec, data_root=data, train_ids=train_ids, val_ids=val_ids, fold=fold, folds=FOLDS,
-                    run_dir=run_dir, cache_dir=cache, device="cpu", log=log.append)
+                    run_dir=run_dir, cache_dir=cache, device="cpu", init=init, log=log.append)
+
+
+def fold_folder(run_dir: Path) -> Path:
+    """nnU-Net's fold folder of a run (checkpoints, training log)."""
+    record = json.loads((run_dir / "backend" / "nnunet.json").read_text())
+    return run_dir / "backend" / record["results"] / f"fold_{record['fold']}"
 
 
 # --------------------------------------------------------------------------- conversion
@@ -185,6 +193,23 @@ def test_shrink_edits_only_the_network_and_batch():
         apply_shrink(plans, "3d_fullres", Shrink(n_stages=5))
 
 
+def test_patch_size_param_keeps_the_planned_network():
+    plans = _plans()
+    bigger = customize_plans(plans, "3d_fullres", None, [64, 96, 128])
+    config = bigger["configurations"]["3d_fullres"]
+    assert config["patch_size"] == [64, 96, 128]
+    assert config["architecture"] == plans["configurations"]["3d_fullres"]["architecture"]
+    assert config["batch_size"] == 5 and bigger["plans_name"] == plans["plans_name"]
+    assert plans == _plans()
+    shrunk = customize_plans(plans, "3d_fullres", Shrink(n_stages=3, features_per_stage=[8, 16, 32]), [16, 32, 32])
+    assert shrunk["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 32]
+    assert shrunk["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["n_stages"] == 3
+    with pytest.raises(UserError, match=r"params.patch_size \[20, 32, 32\]: each side must be divisible"):
+        customize_plans(plans, "3d_fullres", None, [20, 32, 32])
+    with pytest.raises(UserError, match="both set the patch size"):
+        customize_plans(plans, "3d_fullres", Shrink(patch_size=[16, 32, 32]), [16, 32, 32])
+
+
 def test_inference_settings_map_to_nnunet_predictor():
     params = NnUNetParams()
     assert prediction_settings(params, InferenceSpec()) == PredictionSettings(0.5, True, False, None)
@@ -235,14 +260,43 @@ def test_validate_reports_nnunet_problems(tiny_data, tmp_path, monkeypatch):
     assert "'3d_fullres'" in problems["model.params.configuration"]
     assert '"ramp"' in problems["model.params"]
 
+    synthetic = tmp_path / "synthetic"  # the demo data: too small as well, but full-size files are not for it
+    write_tiny_dataset(synthetic, n=1)
+    (synthetic / ".vlab-synthetic.json").write_text("{}")
+    monkeypatch.setenv("VLAB_DATA", str(synthetic))
+    assert load_experiment(_experiment(tmp_path, '{ configuration = "3d_lowres" }')).spec.model.plugin == "nnunet"
+    monkeypatch.setenv("VLAB_DATA", str(tiny_data))
+
     with pytest.raises(SpecError, match="nnU-Net splits each batch over its DDP processes"):
         load_experiment(_experiment(tmp_path, "{ shrink = { batch_size = 1 } }", "[train]\nnproc = 2\n"))
 
     loaded = load_experiment(_experiment(tmp_path, '{ trainer = "nnUNetTrainerNoMirroring" }'))
     assert isinstance(registry.build("models", "nnunet", loaded.spec.model.params), SelfTrainingModel)
 
+    # the plugin's own trainer is known by name without importing anything heavy
+    loaded = load_experiment(_experiment(tmp_path, '{ trainer = "nnUNetTrainerSkeletonRecall" }'))
+    assert loaded.spec.model.params["trainer"] == "nnUNetTrainerSkeletonRecall"
+    with pytest.raises(SpecError, match='Did you mean "nnUNetTrainerSkeletonRecall"'):
+        load_experiment(_experiment(tmp_path, '{ trainer = "nnUNetTrainerSkeletonRecal" }'))
 
-@pytest.mark.parametrize("name", ["experiments/quick/nnunet.toml", "experiments/nnunet_resencm_lowres.toml"])
+
+def test_validate_refuses_two_patch_sizes(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLAB_DATA", str(tiny_data))
+    with pytest.raises(SpecError) as caught:
+        load_experiment(_experiment(tmp_path, "{ patch_size = [32, 32, 32], shrink = { patch_size = [16, 32, 32] } }"))
+    (problem,) = [p for p in caught.value.problems if p.path == "model.params.patch_size"]
+    assert "both set the patch size" in problem.message and "Keep one" in problem.message
+    with pytest.raises(SpecError, match="needs 3 sides, got 2"):
+        load_experiment(_experiment(tmp_path, "{ patch_size = [32, 32] }"))
+    with pytest.raises(SpecError, match="divisible by 4"):
+        load_experiment(_experiment(tmp_path, "{ patch_size = [30, 32, 32], shrink = { n_stages = 3 } }"))
+    assert load_experiment(_experiment(tmp_path, "{ patch_size = [32, 64, 64] }")).spec.model.plugin == "nnunet"
+
+
+@pytest.mark.parametrize("name", ["experiments/quick/nnunet.toml", "experiments/nnunet_resencm_lowres.toml",
+                                  "experiments/nnunet_skeleton_recall_lowres.toml",
+                                  "experiments/nnunet_1st_p128_all.toml", "experiments/nnunet_1st_p192_finetune.toml",
+                                  "experiments/nnunet_1st_p256_finetune.toml"])
 def test_example_experiments_validate(name, tiny_data, tmp_path, monkeypatch):
     if "lowres" in name:  # the seed's setup is for the competition's 320^3 volumes
         write_volume(tmp_path / "train_images" / "a.tif", np.zeros((320, 320, 320), np.uint8))
@@ -284,7 +338,13 @@ def test_training_uses_our_fold_and_shrunk_plan(trained):
     nnunet_log = next(fold_folder.glob("training_log_*.txt")).read_text()
     assert "Desired fold for training: 0" in nnunet_log
     assert "This split has 3 training and 2 validation cases." in nnunet_log
-    assert any(line.endswith("Training done.") for line in log)  # nnU-Net's output reached our log
+    output = (backend / "nnunet.log").read_text()  # what nnU-Net printed goes to the run folder ...
+    assert "Training done." in output and "Pseudo dice" in output
+    assert not any("Training done." in line or "Pseudo dice" in line for line in log)  # ... not to the console
+    assert any("Set params.momentum = 0.9" in line for line in log)  # 2 steps with momentum 0.99: the note
+    (epoch,) = [line for line in log if line.startswith("epoch ")]  # one line per epoch, as every model prints
+    assert re.fullmatch(r"epoch 1: loss -?\d+\.\d{4}, lr \d\.\d\de-\d\d, \d+\.\d samples/s, "
+                        r"val loss -?\d+\.\d{4}, pseudo-Dice \d\.\d{4}", epoch), epoch
 
 
 @pytest.mark.slow
@@ -361,7 +421,7 @@ def test_stopped_training_resumes_from_latest_checkpoint(trained, tmp_path):
     log: list[str] = []
     model.train(make_job(job.data_root, run, job.cache_dir, 0, TINY_PARAMS, log, epochs=2))
     assert any("resuming from epoch 1" in line for line in log)
-    assert sum(line.endswith(": Epoch 1") for line in log) == 1 and not any(line.endswith(": Epoch 0") for line in log)
+    assert [line.split(":")[0] for line in log if line.startswith("epoch ")] == ["epoch 2"]
     assert torch.load(fold / "checkpoint_final.pth", weights_only=False)["current_epoch"] == 2
 
 
@@ -402,3 +462,189 @@ def test_an_nnunet_run_opens_as_self_training_and_the_leaderboard_shows_what_it_
     other.write("spec.json", job.spec.model_copy(update={"loss": job.spec.loss[:1]}).model_dump(mode="json"))
     comparison = compare_runs(run, other)
     assert ("loss", "nnU-Net nnUNetTrainer (its own)", "nnU-Net nnUNetTrainer (its own)") in comparison.components
+
+
+# --------------------------------------------------------------------------- skeleton recall
+
+
+def _sheet_label(shape=(2, 1, 12, 24, 24)) -> "torch.Tensor":
+    """Labels (B, 1, D, H, W): a 4-voxel-thick sheet of surface, a band of ignore voxels across it."""
+    import torch
+
+    label = torch.zeros(shape, dtype=torch.int16)
+    label[:, :, 4:8] = 1
+    label[:, :, :, :6] = 2
+    return label
+
+
+def _skeleton_of(label) -> "torch.Tensor":
+    import torch
+
+    from vesuvius_lab.core.data.skeleton import skeleton_target
+
+    return torch.stack([torch.from_numpy(skeleton_target(sample[0].numpy()))[None] for sample in label]).to(label.dtype)
+
+
+def test_skeleton_recall_loss_is_zero_when_the_skeleton_is_found_and_blind_to_ignored_voxels():
+    import torch
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    from vesuvius_lab.plugins.nnunet.trainer_classes.skeleton_recall import (DiceCEAndSkeletonRecallLoss,
+                                                                              SkeletonRecallLoss)
+
+    label = _sheet_label()
+    skeleton = _skeleton_of(label)
+    assert skeleton.sum() > 0 and not skeleton[label == 2].any() and bool((label[skeleton > 0] == 1).all())
+    found = torch.where(label == 1, 10.0, -10.0).float()
+    perfect = torch.cat((-found, found), 1)  # logits (background, surface)
+    recall = SkeletonRecallLoss()
+    assert recall(torch.softmax(perfect, 1)[:, 1:], skeleton, label != 2).item() < 1e-6
+    assert recall(torch.softmax(-perfect, 1)[:, 1:], skeleton, label != 2).item() > 0.99
+
+    # as nnU-Net's trainer builds it
+    dice_ce = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                             weight_dice=1, ignore_label=2, dice_class=MemoryEfficientSoftDiceLoss)
+    loss = DiceCEAndSkeletonRecallLoss(dice_ce, ignore_label=2)
+    everywhere = torch.ones_like(skeleton)  # a skeleton that also covers ignored voxels: the mask must drop them
+    for target_skeleton in (skeleton, everywhere):
+        logits = torch.randn(label.shape[0], 2, *label.shape[2:], requires_grad=True)
+        loss(logits, torch.cat((label, target_skeleton), 1)).backward()
+        ignored = (label == 2).expand_as(logits)
+        assert logits.grad[ignored].abs().max().item() == 0.0
+        assert logits.grad[~ignored].abs().max().item() > 0.0
+    recall_only = DiceCEAndSkeletonRecallLoss(dice_ce, ignore_label=2, weight=1.0)
+    logits = torch.randn(label.shape[0], 2, *label.shape[2:], requires_grad=True)
+    (recall_only(logits, torch.cat((label, everywhere), 1)) - dice_ce(logits, label)).backward()
+    assert logits.grad[(label == 2).expand_as(logits)].abs().max().item() == 0.0  # the recall term alone
+
+
+def test_skeleton_targets_come_from_the_augmentation_pipeline_at_every_scale():
+    import torch
+
+    from vesuvius_lab.plugins.nnunet.trainers import trainer_class
+
+    trainer = trainer_class("nnUNetTrainerSkeletonRecall")
+    scales = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
+    training = trainer.get_training_transforms([12, 24, 24], (-0.3, 0.3), scales, (0, 1, 2), False, ignore_label=2)
+    validation = trainer.get_validation_transforms(scales, ignore_label=2)
+    label = _sheet_label((1, 12, 24, 24))
+    for transforms in (training, validation):
+        torch.manual_seed(0)
+        out = transforms(image=torch.randn(1, 12, 24, 24), segmentation=label.clone())["segmentation"]
+        assert [tuple(t.shape) for t in out] == [(2, 12, 24, 24), (2, 6, 12, 12), (2, 3, 6, 6)]
+        full_label, full_skeleton = out[0][0].numpy(), out[0][1].numpy()
+        # the skeleton of the augmented label
+        np.testing.assert_array_equal(full_skeleton, _skeleton_of(out[0][None, :1])[0, 0].numpy())
+        assert full_skeleton.any() and (full_label[full_skeleton > 0] == 1).all()
+        assert all(t[1].any() for t in out)  # max-pooled: the thin skeleton is at every scale
+    assert (out[1][1] == torch.nn.functional.max_pool3d(out[0][1:2].float()[None], 2)[0, 0]).all()
+
+
+@pytest.mark.slow
+def test_skeleton_recall_trainer_trains_and_its_loss_ignores_label_2(trained, tmp_path):
+    """The plugin's trainer by name: a real training, then its real loss on a batch of its real pipeline."""
+    import torch
+
+    from vesuvius_lab.plugins.nnunet.training import build_trainer
+
+    job, _, _ = trained
+    params = {**TINY_PARAMS, "trainer": "nnUNetTrainerSkeletonRecall"}
+    log: list[str] = []
+    recall_job = make_job(job.data_root, tmp_path / "run", job.cache_dir, 0, params, log)
+    model = registry.build("models", "nnunet", params)
+    model.train(recall_job)
+    folder = fold_folder(recall_job.run_dir)
+    assert (folder / "checkpoint_final.pth").is_file() and "nnUNetTrainerSkeletonRecall__" in str(folder)
+    assert model.components["loss"] == "nnU-Net nnUNetTrainerSkeletonRecall (its own)"
+    assert any(line.startswith("epoch 1: loss ") and "pseudo-Dice" in line for line in log)
+
+    setup = model.prepare(recall_job)
+    with setup.environ(), forward_stdout(lambda line: None):
+        trainer = build_trainer(setup, "cpu")
+        trainer.initialize()
+        loader, _ = trainer.get_dataloaders()
+        batch = next(loader)
+    targets = batch["target"]
+    assert len(targets) == 2 and [t.shape[1] for t in targets] == [2, 2]  # (label, skeleton) per output scale
+    label, skeleton = targets[0][:, 0], targets[0][:, 1]
+    assert skeleton.any() and bool((label[skeleton > 0] == 1).all())
+    outputs = [o.detach().requires_grad_() for o in trainer.network(batch["data"])]
+    trainer.loss(outputs, targets).backward()
+    checked = 0
+    for output, target in zip(outputs, targets):
+        if output.grad is None:  # nnU-Net gives the lowest resolution the weight 0
+            continue
+        ignored = (target[:, :1] == 2).expand_as(output)
+        assert ignored.any() and output.grad[ignored].abs().max().item() == 0.0
+        assert output.grad[~ignored].abs().max().item() > 0.0
+        checked += 1
+    assert checked == 1  # 3 stages: two outputs, nnU-Net weighs the lower one 0
+
+
+@pytest.mark.slow
+def test_fold_all_trains_on_every_volume(trained, tmp_path):
+    job, model, _ = trained
+    log: list[str] = []
+    all_job = make_job(job.data_root, tmp_path / "run", job.cache_dir, "all", TINY_PARAMS, log)
+    model.train(all_job)
+    record = json.loads((all_job.run_dir / "backend" / "nnunet.json").read_text())
+    assert record["fold"] == "all"
+    folder = fold_folder(all_job.run_dir)
+    assert folder.name == "fold_all" and (folder / "checkpoint_final.pth").is_file()
+    debug = json.loads((folder / "debug.json").read_text())
+    assert debug["fold"] == "all"
+    assert any(line.startswith("epoch 1: ") for line in log)
+    predictor = registry.build("models", "nnunet", TINY_PARAMS)
+    predictor.load(all_job.run_dir, "cpu")
+    image, _ = sheet_volume((32, 32, 32), np.random.default_rng(3))
+    assert predictor.predict_probabilities(image).shape == image.shape
+
+
+@pytest.mark.slow
+def test_init_from_an_earlier_run_at_another_patch_size(trained, tmp_path):
+    """[train] init names the earlier run; the new run trains at patch_size 16x32x32 (the earlier at 32^3), and
+    records and logs what it loaded. A learning rate of ~0 keeps the loaded weights visible after training."""
+    import torch
+
+    job, _, _ = trained
+    shrink = {key: value for key, value in TINY_PARAMS["shrink"].items() if key != "patch_size"}
+    params = {**TINY_PARAMS, "shrink": shrink, "patch_size": [16, 32, 32], "initial_lr": 1e-12}
+    log: list[str] = []
+    new = make_job(job.data_root, tmp_path / "run", job.cache_dir, 0, params, log, init=job.run_dir)
+    registry.build("models", "nnunet", params).train(new)
+
+    source = fold_folder(job.run_dir) / "checkpoint_final.pth"
+    record = json.loads((new.run_dir / "backend" / "nnunet.json").read_text())
+    assert record["init"] == str(source)
+    (line,) = [line for line in log if line.startswith("nnU-Net: initialised from")]
+    assert str(source) in line and "segmentation-head tensors start fresh" in line
+    folder = fold_folder(new.run_dir)
+    assert "initialised from" in next(folder.glob("training_log_*.txt")).read_text()
+    plans = json.loads((folder.parent / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 32]
+
+    before = torch.load(source, weights_only=False)["network_weights"]
+    after = torch.load(folder / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    kept = [name for name in after if ".seg_layers." not in name]
+    assert kept and all(torch.allclose(before[name].float(), after[name].float(), atol=1e-6) for name in kept)
+    assert any(not torch.equal(before[name], after[name]) for name in after if ".seg_layers." in name)
+
+
+@pytest.mark.slow
+def test_init_whose_layers_do_not_fit_is_refused_before_training(trained, tmp_path):
+    job, _, _ = trained
+    params = {**TINY_PARAMS, "shrink": {**TINY_PARAMS["shrink"], "n_stages": 2, "features_per_stage": [8, 16]}}
+    checkpoint = fold_folder(job.run_dir) / "checkpoint_final.pth"
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        registry.build("models", "nnunet", params).train(make_job(job.data_root, run, job.cache_dir, 0, params, [],
+                                                                  init=checkpoint))
+    message = str(caught.value)
+    assert f"the weights in {checkpoint} do not fit this nnU-Net network" in message
+    assert "have another shape: decoder." in message and "there," in message and "here)" in message
+    assert not (run / "backend" / "nnUNet_results").exists()  # no training started
+
+    with pytest.raises(UserError, match="not an nnU-Net run"):
+        registry.build("models", "nnunet", TINY_PARAMS).train(make_job(job.data_root, tmp_path / "other", job.cache_dir,
+                                                                       0, TINY_PARAMS, [], init=tmp_path))

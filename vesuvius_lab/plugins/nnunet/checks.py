@@ -2,7 +2,9 @@
 
 The 3d_lowres check reads the volume shapes from TIFF headers and applies nnU-Net's rule: a
 3d_lowres configuration is planned only when the median volume is much larger (about 8x, see
-:data:`FULLRES_PATCH_VOXELS`) than the 3d_fullres patch.
+:data:`FULLRES_PATCH_VOXELS`) than the 3d_fullres patch. It is skipped on the synthetic demo data
+(``vlab data synth``): a full-size experiment validated there is meant for the competition's
+volumes, which the demo's small ones say nothing about.
 """
 
 from __future__ import annotations
@@ -56,7 +58,27 @@ def check_params(params: NnUNetParams, spec: Any) -> Iterator[tuple[str, str]]:
         yield from _lowres_problems(params, spec)
 
 
+def _patch_problems(params: NnUNetParams) -> Iterator[tuple[str, str]]:
+    if params.patch_size is None:
+        return
+    if params.shrink is not None and params.shrink.patch_size is not None:
+        yield "patch_size", (f"{params.patch_size} and shrink.patch_size {params.shrink.patch_size} both set the "
+                             "patch size. Keep one: patch_size (the planned network at another patch) or "
+                             "shrink.patch_size (with the rest of shrink).")
+        return
+    dims = 2 if params.configuration == "2d" else 3
+    if len(params.patch_size) != dims:
+        yield "patch_size", (f"the {params.configuration} configuration needs {dims} sides, "
+                             f"got {len(params.patch_size)}.")
+    stages = params.shrink and (params.shrink.n_stages or (len(params.shrink.features_per_stage)
+                                                           if params.shrink.features_per_stage else None))
+    if stages and any(side % 2 ** (stages - 1) for side in params.patch_size):
+        yield "patch_size", (f"{params.patch_size}: with {stages} stages each side must be divisible by "
+                             f"{2 ** (stages - 1)} (the network halves it {stages - 1} times).")
+
+
 def _shrink_problems(params: NnUNetParams) -> Iterator[tuple[str, str]]:
+    yield from _patch_problems(params)
     shrink = params.shrink
     if shrink is None:
         return
@@ -77,7 +99,10 @@ def _shrink_problems(params: NnUNetParams) -> Iterator[tuple[str, str]]:
 def _lowres_problems(params: NnUNetParams, spec: Any) -> Iterator[tuple[str, str]]:
     if params.gpu_memory_gb not in (None, PLANNERS[params.planner][2]):
         return  # the patch size of a custom memory target is not known without planning
-    median = median_shape(_data_root(spec))
+    data_root = _data_root(spec)
+    if data_root is not None and _is_synthetic(data_root):
+        return
+    median = median_shape(data_root)
     if median is None:
         return
     patch = FULLRES_PATCH_VOXELS[params.planner]
@@ -97,6 +122,12 @@ def _data_root(spec: Any) -> Path | None:
         return Path(load_project().resolve(spec).data.root)
     except (UserError, OSError):
         return None
+
+
+def _is_synthetic(data_root: Path) -> bool:
+    from vesuvius_lab.core.data.synthetic import MARKER
+
+    return (Path(data_root) / MARKER).is_file()
 
 
 def median_shape(data_root: Path | None) -> tuple[int, ...] | None:

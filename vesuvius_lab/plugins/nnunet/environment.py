@@ -2,7 +2,8 @@
 
 nnU-Net reads ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` lazily, so setting
 them just before a call works and users never need them in their shell. Its console output is
-forwarded line by line to a callback (the run's log).
+forwarded line by line to a callback: :func:`to_output_file` appends it to the run's
+``backend/nnunet.log`` and passes only its warnings and errors on to the run's log.
 """
 
 from __future__ import annotations
@@ -100,6 +101,27 @@ class _LineForwarder(io.TextIOBase):
             self._emit(line.rstrip())
         finally:
             sys.stdout, self._busy = saved, False
+
+
+#: Lines of nnU-Net's console output that also reach the run's log (and the console).
+_NOTABLE = ("warning", "error", "exception")
+
+
+def to_output_file(path: Path | None, log: Callable[[str], None]) -> Callable[[str], None]:
+    """A line sink for nnU-Net's console output: appended to ``path``; warnings and errors also go to ``log``.
+    Without a path every line goes to ``log``."""
+    if path is None:
+        return log
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(line: str) -> None:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        if any(word in line.lower() for word in _NOTABLE):
+            log(f"nnU-Net: {line.strip()}")
+
+    return emit
 
 
 @contextmanager

@@ -18,12 +18,13 @@ from vesuvius_lab.core.backend import TrainJob
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.plugins.nnunet.cache_lock import cache_lock
 from vesuvius_lab.plugins.nnunet.conversion import LABELS, convert_dataset
-from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ
+from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ, to_output_file
 from vesuvius_lab.plugins.nnunet.params import NnUNetParams
 from vesuvius_lab.plugins.nnunet.planning import ensure_plans, ensure_preprocessed, require_configuration
 from vesuvius_lab.plugins.nnunet.prediction import NnUNetPredictorRunner, PredictionSettings, prediction_settings
-from vesuvius_lab.plugins.nnunet.run_folder import backend_folder, prepare_preprocessed_view, read_record, write_record
-from vesuvius_lab.plugins.nnunet.shrink import apply_shrink, flatten_configuration
+from vesuvius_lab.plugins.nnunet.run_folder import (OUTPUT_LOG, backend_folder, prepare_preprocessed_view, read_record,
+                                                    write_record)
+from vesuvius_lab.plugins.nnunet.shrink import customize_plans, flatten_configuration
 from vesuvius_lab.plugins.nnunet.training import TrainingSetup, results_folder, train
 
 
@@ -57,13 +58,19 @@ class NnUNetModel:
             raise UserError(f"[data] ignore_label = {spec.data.ignore_label}: the nnunet model trains with label "
                             f"{LABELS['ignore']} as nnU-Net's ignore label. Set ignore_label = 2.")
         settings = prediction_settings(params, spec.inference)  # fail before hours of preprocessing
+        note = short_run_note(params, spec.train.epochs * spec.train.iterations_per_epoch)
+        if note:
+            job.log(note)
         setup = self.prepare(job)
         results = results_folder(setup)
-        write_record(job.run_dir, {
+        record = {
             "dataset": setup.plans["dataset_name"], "plans_name": setup.plans["plans_name"],
             "configuration": setup.configuration, "trainer": params.trainer, "fold": setup.fold,
             "results": str(results.relative_to(backend_folder(job.run_dir))), "prediction": settings.to_json(),
-        })
+        }
+        if setup.init is not None:
+            record["init"] = str(setup.init)
+        write_record(job.run_dir, record)
         train(setup, job.device, spec.train.nproc, job.log)
 
     def prepare(self, job: TrainJob) -> TrainingSetup:
@@ -71,21 +78,26 @@ class NnUNetModel:
         params = self.params
         raw_root, preprocessed_root = cache_folders(job.cache_dir)
         folds = [list(map(str, fold)) for fold in job.folds]
-        if job.fold >= len(folds) or set(folds[job.fold]) != set(map(str, job.val_ids)):
-            raise ValueError(f"TrainJob.folds[{job.fold}] must hold the validation ids {job.val_ids}; "
-                             f"got folds {job.folds}")
-        case_ids = sorted({*map(str, job.train_ids), *(case for fold in folds for case in fold)})
+        fold = nnunet_fold(job.fold, folds, job.val_ids)
+        case_ids = sorted({*map(str, job.train_ids), *(case for ids in folds for case in ids)})
+        output_log = backend_folder(job.run_dir) / OUTPUT_LOG
         with cache_lock(raw_root.parent, job.log):
             dataset = convert_dataset(job.data_root, case_ids, raw_root, job.log)
             with nnunet_environ(raw=raw_root, preprocessed=preprocessed_root, workers=params.preprocess_workers), \
-                    forward_stdout(job.log):
+                    forward_stdout(to_output_file(output_log, job.log)):
                 plans = ensure_plans(dataset, preprocessed_root, params.planner, params.gpu_memory_gb,
                                      params.preprocess_workers, job.log)
                 shared = preprocessed_root / dataset.name
                 require_configuration(plans, params.configuration, shared / f"{plans['plans_name']}.json")
                 ensure_preprocessed(dataset, preprocessed_root, plans["plans_name"], params.configuration,
                                     params.preprocess_workers, job.log)
-        plans = apply_shrink(plans, params.configuration, params.shrink)
+        plans = customize_plans(plans, params.configuration, params.shrink, params.patch_size)
+        dataset_json = _read_json(shared / "dataset.json")
+        init = None
+        if job.init is not None:  # a mismatch of layers is an error now, not after the first epoch
+            from vesuvius_lab.plugins.nnunet.pretrained import check_init
+
+            init = check_init(job.init, plans, params.configuration, dataset_json, params.trainer)
         view = prepare_preprocessed_view(job.run_dir, shared, plans, folds,
                                          with_ground_truth=params.final_validation)
         data_identifier = flatten_configuration(plans, params.configuration)["data_identifier"]
@@ -93,8 +105,8 @@ class NnUNetModel:
         iterations = train_spec.iterations_per_epoch
         workers = train_spec.workers if train_spec.workers is not None else 2
         return TrainingSetup(
-            plans=plans, configuration=params.configuration, fold=job.fold,
-            dataset_json=_read_json(shared / "dataset.json"), trainer=params.trainer,
+            plans=plans, configuration=params.configuration, fold=fold, dataset_json=dataset_json,
+            trainer=params.trainer,
             epochs=train_spec.epochs, iterations_per_epoch=iterations,
             val_iterations_per_epoch=params.val_iterations_per_epoch or max(1, round(iterations / 5)),
             preprocessed_view=view, preprocessed_data=shared / data_identifier,
@@ -102,6 +114,7 @@ class NnUNetModel:
             seed=train_spec.seed or 0, workers=params.preprocess_workers,
             augmentation_workers=params.augmentation_workers if params.augmentation_workers is not None else workers,
             final_validation=params.final_validation, save_probabilities=params.save_probabilities,
+            init=init, output_log=output_log, initial_lr=params.initial_lr, momentum=params.momentum,
         )
 
     # ------------------------------------------------------------------ prediction
@@ -119,6 +132,39 @@ class NnUNetModel:
         if self._runner is None:
             raise RuntimeError("call load(run_dir, device) before predict_probabilities")
         return self._runner.predict_probabilities(volume)
+
+
+#: nnU-Net's SGD momentum; it averages the gradients of about 1 / (1 - 0.99) = 100 steps.
+NNUNET_MOMENTUM = 0.99
+#: Fewer SGD steps than this, with nnU-Net's momentum, can end before its average has turned.
+SHORT_RUN_STEPS = 1000
+
+
+def short_run_note(params: NnUNetParams, steps: int) -> str | None:
+    """A note for a training too short for nnU-Net's momentum 0.99 (its SGD, momentum not overridden)."""
+    if params.momentum is not None or steps >= SHORT_RUN_STEPS:
+        return None
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from vesuvius_lab.plugins.nnunet.trainers import trainer_class
+
+    if trainer_class(params.trainer).configure_optimizers is not nnUNetTrainer.configure_optimizers:
+        return None  # the trainer has its own optimiser
+    return (f"nnU-Net: {steps} SGD steps with nnU-Net's momentum {NNUNET_MOMENTUM}, which averages the gradients of "
+            "about 100 steps: a run this short can end while that average still pushes the wrong way (near-empty "
+            "masks). Set params.momentum = 0.9 for runs of fewer than ~1000 iterations.")
+
+
+def nnunet_fold(fold: int | str, folds: list[list[str]], val_ids: list[str]) -> int | str:
+    """nnU-Net's fold for our fold: the same number (our folds are written as its splits), or ``"all"``
+    (nnU-Net trains on every volume and reports its per-epoch pseudo-Dice on the training volumes)."""
+    if fold == "all":
+        if val_ids:
+            raise ValueError(f"TrainJob.fold 'all' comes with no validation ids; got {val_ids}")
+        return "all"
+    if not isinstance(fold, int) or fold >= len(folds) or set(folds[fold]) != set(map(str, val_ids)):
+        raise ValueError(f"TrainJob.folds[{fold}] must hold the validation ids {val_ids}; got folds {folds}")
+    return fold
 
 
 def _read_json(path: Path) -> dict:

@@ -42,9 +42,13 @@ class Shrink(_Strict):
     @field_validator("patch_size", "features_per_stage")
     @classmethod
     def _positive(cls, value: list[int] | None, info) -> list[int] | None:
-        if value is not None and min(value) < 1:
-            raise ValueError(f"every entry of {info.field_name} must be at least 1, got {value}")
-        return value
+        return _at_least_one(value, info.field_name)
+
+
+def _at_least_one(value: list[int] | None, name: str) -> list[int] | None:
+    if value is not None and min(value) < 1:
+        raise ValueError(f"every entry of {name} must be at least 1, got {value}")
+    return value
 
 
 class NnUNetParams(_Strict):
@@ -56,8 +60,19 @@ class NnUNetParams(_Strict):
     configuration: Configuration = Field("3d_fullres", description="Which planned configuration to train.")
     trainer: str = Field(
         "nnUNetTrainer", min_length=1,
-        description='Trainer class: a name from nnunetv2 (e.g. "nnUNetTrainer_onlyMirror01") or '
-                    '"package.module:Class".')
+        description='Trainer class: a name from nnunetv2 (e.g. "nnUNetTrainer_onlyMirror01"), one shipped with this '
+                    'plugin ("nnUNetTrainerSkeletonRecall": CE + Dice + Skeleton Recall) or "package.module:Class".')
+    patch_size: list[int] | None = Field(
+        None, min_length=2, max_length=3,
+        description="Patch size of the planned configuration, e.g. [128, 128, 128] (3 sides for 3d, 2 for 2d), the "
+                    "planned network kept; each side divisible by the network's downsampling. Not with "
+                    "shrink.patch_size.")
+    initial_lr: float | None = Field(
+        None, gt=0, description="Initial learning rate of nnU-Net's SGD + poly schedule; default the trainer's (1e-2).")
+    momentum: float | None = Field(
+        None, ge=0, lt=1,
+        description="Nesterov momentum of nnU-Net's SGD; default the trainer's (0.99). 0.99 averages ~100 steps and "
+                    "suits nnU-Net's 250 000; runs of a few hundred iterations need about 0.9.")
     checkpoint: Literal["final", "best"] = Field("final", description="Checkpoint used for prediction.")
     mirroring: bool | None = Field(
         None, description="nnU-Net's mirroring TTA at prediction: true = all axes the trainer allows, false = none, "
@@ -74,3 +89,8 @@ class NnUNetParams(_Strict):
         None, ge=0, description="Data-augmentation processes per GPU (nnUNet_n_proc_DA); 0 = in the training "
                                 "process; default the experiment's train.workers.")
     shrink: Shrink | None = Field(None, description="Overrides of the planned network for quick experiments.")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_sides(cls, value: list[int] | None) -> list[int] | None:
+        return _at_least_one(value, "patch_size")

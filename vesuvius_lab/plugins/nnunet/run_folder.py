@@ -4,7 +4,9 @@
 ``splits_final.json`` (our folds), the plans actually trained (shrunk or not), plus copies of
 ``dataset.json`` and the fingerprint that nnU-Net's trainer reads there. The preprocessed
 volumes stay in the cache. ``<run>/backend/nnUNet_results/`` receives nnU-Net's checkpoints and
-logs, and ``<run>/backend/nnunet.json`` records how to load the trained model.
+logs (``.../fold_<k>/training_log_*.txt``), ``<run>/backend/nnunet.json`` records how to load the
+trained model, and ``<run>/backend/nnunet.log`` holds everything nnU-Net printed (its epoch log among
+it); the run's own log gets one line per epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from vesuvius_lab.plugins.nnunet.splits import write_splits
 
 BACKEND = "backend"
 RECORD = "nnunet.json"
+OUTPUT_LOG = "nnunet.log"  # nnU-Net's console output
 
 
 def backend_folder(run_dir: Path) -> Path:

@@ -1,7 +1,9 @@
-"""Apply the ``shrink`` params to a planned configuration: a smaller patch, fewer stages, fewer features.
+"""Apply the ``shrink`` and ``patch_size`` params to a planned configuration.
 
-Only the network and the batch change; preprocessing (spacing, normalisation) stays as planned,
-so the cached preprocessed data is reused.
+``shrink`` makes a smaller network (fewer stages, fewer features, a smaller patch and batch);
+``patch_size`` changes only the patch, keeping the planned network (e.g. fine-tuning at 192^3 a
+network planned at 128^3). Preprocessing (spacing, normalisation) stays as planned, so the cached
+preprocessed data is reused.
 """
 
 from __future__ import annotations
@@ -62,9 +64,33 @@ def apply_shrink(plans: dict, configuration: str, shrink: Shrink | None) -> dict
     return plans
 
 
-def check_patch_divisible(patch_size: list[int], strides: list) -> None:
+def customize_plans(plans: dict, configuration: str, shrink: Shrink | None, patch_size: list[int] | None) -> dict:
+    """``plans`` with ``shrink`` and then ``patch_size`` applied (a copy when anything changes)."""
+    if patch_size is not None and shrink is not None and shrink.patch_size is not None:
+        raise UserError(f"model.params: patch_size {list(patch_size)} and shrink.patch_size {shrink.patch_size} both "
+                        "set the patch size. Keep one of them.")
+    return apply_patch_size(apply_shrink(plans, configuration, shrink), configuration, patch_size)
+
+
+def apply_patch_size(plans: dict, configuration: str, patch_size: list[int] | None) -> dict:
+    """A copy of ``plans`` whose ``configuration`` trains (and predicts) with patches of ``patch_size``."""
+    if patch_size is None:
+        return plans
+    plans = copy.deepcopy(plans)
+    config = flatten_configuration(plans, configuration)
+    if len(patch_size) != len(config["patch_size"]):
+        raise UserError(f"params.patch_size has {len(patch_size)} sides; the {configuration} configuration needs "
+                        f"{len(config['patch_size'])}.")
+    check_patch_divisible(patch_size, config["architecture"]["arch_kwargs"]["strides"], key="patch_size")
+    config["patch_size"] = list(patch_size)
+    plans["configurations"][configuration] = config
+    return plans
+
+
+def check_patch_divisible(patch_size: list[int], strides: list, key: str = "shrink.patch_size") -> None:
     """Each patch side must be divisible by the network's total downsampling along that axis."""
     factors = [math.prod(stride[axis] for stride in strides) for axis in range(len(patch_size))]
     if any(side % factor for side, factor in zip(patch_size, factors)):
-        raise UserError(f"params.shrink.patch_size {list(patch_size)}: each side must be divisible by the network's "
-                        f"downsampling {factors} (2 per stage after the first); change the patch or n_stages.")
+        raise UserError(f"params.{key} {list(patch_size)}: each side must be divisible by the network's "
+                        f"downsampling {factors} (the product of its strides per axis); change the patch"
+                        f"{' or n_stages' if key.startswith('shrink') else ''}.")

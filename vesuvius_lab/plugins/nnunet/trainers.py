@@ -2,7 +2,9 @@
 
 A trainer is named as nnU-Net names it (a class defined under ``nnunetv2/training/nnUNetTrainer``,
 or under a folder of the ``nnUNet_extTrainer`` environment variable, found the way
-``nnUNetv2_train -tr`` finds it) or as ``package.module:Class`` for a subclass in the user's own code.
+``nnUNetv2_train -tr`` finds it), by the name of a trainer shipped with this plugin (the classes
+in :mod:`vesuvius_lab.plugins.nnunet.trainer_classes`, e.g. ``nnUNetTrainerSkeletonRecall``), or
+as ``package.module:Class`` for a subclass in the user's own code.
 """
 
 from __future__ import annotations
@@ -43,6 +45,23 @@ def builtin_trainer_names() -> tuple[str, ...]:
     return tuple(sorted(builtin_trainer_modules()))
 
 
+#: The package of the trainers shipped with this plugin.
+PLUGIN_TRAINER_PACKAGE = "vesuvius_lab.plugins.nnunet.trainer_classes"
+
+
+@cache
+def plugin_trainer_modules() -> dict[str, str]:
+    """Class name -> module for the trainers shipped with this plugin, read from the sources."""
+    folder = Path(__file__).resolve().parent / "trainer_classes"
+    modules: dict[str, str] = {}
+    for source in sorted(folder.glob("*.py")):
+        if source.stem != "__init__":
+            for name in _CLASS.findall(source.read_text(errors="replace")):
+                if name.startswith("nnUNetTrainer"):
+                    modules.setdefault(name, f"{PLUGIN_TRAINER_PACKAGE}.{source.stem}")
+    return modules
+
+
 #: nnU-Net's variable naming extra folders (os.pathsep-separated) searched for trainers by class name.
 EXTERNAL_TRAINERS_VARIABLE = "nnUNet_extTrainer"
 
@@ -77,12 +96,13 @@ def trainer_problem(name: str) -> str | None:
                     'e.g. "my_package.trainers:MyTrainer".')
         return _imported_trainer_problem(module, attr)
     known = builtin_trainer_names()
-    if name in known or not known or name in external_trainer_names():
+    if name in known or not known or name in plugin_trainer_modules() or name in external_trainer_names():
         return None
-    trainers = [n for n in known if "Trainer" in n]
+    trainers = [n for n in (*known, *plugin_trainer_modules()) if "Trainer" in n]
     return (f'nnU-Net has no trainer class "{name}".{suggest(name, trainers)} Use a class from '
-            'nnunetv2.training.nnUNetTrainer (e.g. "nnUNetTrainer", "nnUNetTrainerNoMirroring"), your own '
-            f'subclass as "package.module:Class", or a class in a folder named by {EXTERNAL_TRAINERS_VARIABLE}.')
+            'nnunetv2.training.nnUNetTrainer (e.g. "nnUNetTrainer", "nnUNetTrainerNoMirroring"), one shipped '
+            f'with this plugin ({", ".join(sorted(plugin_trainer_modules()))}), your own subclass as '
+            f'"package.module:Class", or a class in a folder named by {EXTERNAL_TRAINERS_VARIABLE}.')
 
 
 def _imported_trainer_problem(module: str, attr: str) -> str | None:
@@ -113,6 +133,8 @@ def trainer_class(name: str) -> type:
                 from None
     elif name in builtin_trainer_modules():  # import its one module, not the whole trainer tree
         found = getattr(importlib.import_module(builtin_trainer_modules()[name]), name, None)
+    elif name in plugin_trainer_modules():
+        found = getattr(importlib.import_module(plugin_trainer_modules()[name]), name, None)
     else:  # nnU-Net's own search, which also honours nnUNet_extTrainer
         from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 

@@ -2,9 +2,13 @@
 
 Epochs and iterations come from the experiment, not from the trainer class. A run that stopped
 resumes from nnU-Net's ``checkpoint_latest.pth`` (written every 50 epochs, nnU-Net's default);
-a run whose ``checkpoint_final.pth`` exists is not trained again. With ``nproc > 1`` on CUDA,
-nnU-Net's own DDP training runs in ``nproc`` spawned processes (NCCL, one GPU each); nnU-Net's
-DDP is CUDA-only, so on the CPU training runs in one process.
+a run whose ``checkpoint_final.pth`` exists is not trained again. A fresh training with
+``[train] init`` starts from those weights (nnU-Net's ``load_pretrained_weights``). With
+``nproc > 1`` on CUDA, nnU-Net's own DDP training runs in ``nproc`` spawned processes (NCCL, one
+GPU each); nnU-Net's DDP is CUDA-only, so on the CPU training runs in one process.
+
+What nnU-Net prints goes to the run's ``backend/nnunet.log``; the run's log (and the console) gets
+one line per epoch, as for every model: train loss, lr, samples/s, val loss and pseudo-Dice.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ, pool_size
+from vesuvius_lab.plugins.nnunet.environment import forward_stdout, nnunet_environ, pool_size, to_output_file
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class TrainingSetup:
 
     plans: dict
     configuration: str
-    fold: int
+    fold: int | str  # our fold number, or "all"
     dataset_json: dict
     trainer: str
     epochs: int
@@ -40,6 +44,10 @@ class TrainingSetup:
     augmentation_workers: int
     final_validation: bool = False
     save_probabilities: bool = False
+    init: Path | None = None  # an nnU-Net checkpoint to start a fresh training from
+    initial_lr: float | None = None  # None: the trainer's own
+    momentum: float | None = None  # None: the trainer's own
+    output_log: Path | None = None  # where nnU-Net's console output goes (None: the run's log)
 
     def environ(self):
         return nnunet_environ(preprocessed=self.preprocessed_view, results=self.results, workers=self.workers,
@@ -60,9 +68,32 @@ def build_trainer(setup: TrainingSetup, device: Any, *, resume: bool = False) ->
     trainer.num_epochs = setup.epochs
     trainer.num_iterations_per_epoch = setup.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = setup.val_iterations_per_epoch
+    if setup.initial_lr is not None:
+        trainer.initial_lr = setup.initial_lr  # read by configure_optimizers and the poly schedule
+    if setup.momentum is not None:
+        _override_momentum(trainer, setup.momentum)
     # The volumes live in the shared cache; splits and plans in this run's own folder.
     trainer.preprocessed_dataset_folder = str(setup.preprocessed_data)
     return trainer
+
+
+def _override_momentum(trainer: Any, momentum: float) -> None:
+    """Set the momentum of the optimiser the trainer's own ``configure_optimizers`` builds."""
+    original = trainer.configure_optimizers
+
+    def configure_optimizers():
+        optimizer, scheduler = original()
+        if not all("momentum" in group for group in optimizer.param_groups):
+            from vesuvius_lab.core.errors import UserError
+
+            raise UserError(f"params.momentum: the optimiser of {type(trainer).__name__} "
+                            f"({type(optimizer).__name__}) has no momentum. Remove params.momentum or use an SGD "
+                            "trainer such as nnUNetTrainer.")
+        for group in optimizer.param_groups:
+            group["momentum"] = momentum
+        return optimizer, scheduler
+
+    trainer.configure_optimizers = configure_optimizers  # an instance attribute: only this trainer
 
 
 def results_folder(setup: TrainingSetup) -> Path:
@@ -89,7 +120,7 @@ def train(setup: TrainingSetup, device: str, nproc: int, log: Callable[[str], No
         return _train_ddp(setup, nproc, log)
     if nproc > 1:
         log(f"nnU-Net's multi-process training needs CUDA GPUs; training in 1 process on {device} instead of {nproc}.")
-    with setup.environ(), forward_stdout(log):
+    with setup.environ(), forward_stdout(to_output_file(setup.output_log, log)):
         return _train_in_process(setup, device, log)
 
 
@@ -108,8 +139,11 @@ def _train_in_process(setup: TrainingSetup, device: str, log: Callable[[str], No
     else:
         if latest.is_file():
             trainer.load_checkpoint(str(latest))
-            log(f"nnU-Net: resuming from epoch {trainer.current_epoch} ({latest})")
-        with _epoch_progress(trainer, enabled=rank == 0):
+            log(f"nnU-Net: resuming from epoch {trainer.current_epoch} ({latest})"
+                + ("; [train] init applies only to a fresh start" if setup.init is not None else ""))
+        elif setup.init is not None:
+            _load_init(trainer, setup.init, fold / ".init_weights.pth", log if rank == 0 else _quiet)
+        with _epoch_progress(trainer, log, enabled=rank == 0):
             trainer.run_training()
     if setup.final_validation:
         with pool_size(setup.workers):
@@ -117,36 +151,93 @@ def _train_in_process(setup: TrainingSetup, device: str, log: Callable[[str], No
     return results
 
 
-class _epoch_progress:
-    """A rich progress bar over epochs, advanced after nnU-Net's ``on_epoch_end`` (rank 0 only)."""
+def _quiet(message: str) -> None:
+    pass
 
-    def __init__(self, trainer: Any, enabled: bool = True):
-        self.trainer, self.enabled = trainer, enabled
+
+def _load_init(trainer: Any, checkpoint: Path, scratch: Path, log: Callable[[str], None]) -> None:
+    """Initialise the trainer's network from ``checkpoint`` as ``nnUNetv2_train -pretrained_weights`` does."""
+    from vesuvius_lab.plugins.nnunet.pretrained import load_into
+
+    if not trainer.was_initialized:
+        trainer.initialize()
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    line = load_into(trainer.network, checkpoint, scratch)
+    trainer.print_to_log_file(line, also_print_to_console=False)  # nnU-Net's own training log records it too
+    log(line)
+
+
+def epoch_line(trainer: Any, train_seconds: float) -> str:
+    """One line per epoch, as the core's trainer prints for every model, from nnU-Net's logger."""
+    logger = trainer.logger
+
+    def last(key: str) -> float:
+        return float(logger.get_value(key, step=-1))
+
+    batch = trainer.configuration_manager.batch_size  # the global batch (nnU-Net splits it over DDP ranks)
+    speed = trainer.num_iterations_per_epoch * batch / max(train_seconds, 1e-9)
+    return (f"epoch {trainer.current_epoch}: loss {last('train_losses'):.4f}, lr {last('lrs'):.2e}, "
+            f"{speed:.1f} samples/s, val loss {last('val_losses'):.4f}, pseudo-Dice {last('mean_fg_dice'):.4f}")
+
+
+class _epoch_progress:
+    """A rich progress bar over the training iterations, and one line per epoch in the log (rank 0 only)."""
+
+    def __init__(self, trainer: Any, log: Callable[[str], None], enabled: bool = True):
+        self.trainer, self.log, self.enabled = trainer, log, enabled
 
     def __enter__(self):
         if not self.enabled:
             return self
+        import time
+
         from rich.progress import Progress
 
         from vesuvius_lab.core.console import err
 
         trainer = self.trainer
-        # No stdout redirection: nnU-Net's prints must keep flowing to the run's log.
-        self.progress = Progress(console=err, transient=True, redirect_stdout=False, redirect_stderr=False)
+        iterations = trainer.num_iterations_per_epoch
+        self.progress = Progress(*Progress.get_default_columns(), console=err, transient=True,
+                                 redirect_stdout=False, redirect_stderr=False)
         self.progress.start()
-        task = self.progress.add_task("nnU-Net epochs", total=trainer.num_epochs, completed=trainer.current_epoch)
-        original = trainer.on_epoch_end
+        task = self.progress.add_task("nnU-Net", total=trainer.num_epochs * iterations,
+                                      completed=trainer.current_epoch * iterations)
+        originals = trainer.on_train_epoch_start, trainer.on_train_epoch_end, trainer.train_step, trainer.on_epoch_end
+        started = [0.0, 0.0]  # when the epoch's training began, how long it took
+
+        def on_train_epoch_start() -> None:
+            originals[0]()
+            started[0] = time.perf_counter()
+            self.progress.update(task, description=f"nnU-Net epoch {trainer.current_epoch + 1}/{trainer.num_epochs}")
+
+        def on_train_epoch_end(outputs) -> None:
+            started[1] = time.perf_counter() - started[0]
+            originals[1](outputs)
+
+        def train_step(batch: dict) -> dict:
+            result = originals[2](batch)
+            self.progress.advance(task)
+            return result
 
         def on_epoch_end() -> None:
-            original()
-            self.progress.update(task, completed=trainer.current_epoch)
+            originals[3]()  # counts the epoch: current_epoch is now the number of epochs done
+            self.log(epoch_line(trainer, started[1]))
 
-        trainer.on_epoch_end = on_epoch_end  # an instance attribute: only this trainer is affected
+        # Instance attributes: only this trainer is affected.
+        trainer.on_train_epoch_start, trainer.on_train_epoch_end = on_train_epoch_start, on_train_epoch_end
+        trainer.train_step, trainer.on_epoch_end = train_step, on_epoch_end
         return self
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+def _console_line(message: str) -> None:
+    """A log line from a spawned DDP rank (its stdout goes to nnunet.log): onto the real console."""
+    import sys
+
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _free_port() -> int:
@@ -182,6 +273,7 @@ def _ddp_worker(rank: int, world_size: int, setup: TrainingSetup) -> None:
     dist.init_process_group("nccl", rank=rank, world_size=world_size)
     torch.cuda.set_device(torch.device("cuda", rank))
     try:
-        _train_in_process(setup, "cuda", print, rank=rank)
+        with forward_stdout(to_output_file(setup.output_log, print) if rank == 0 else _quiet):
+            _train_in_process(setup, "cuda", _console_line, rank=rank)
     finally:
         dist.destroy_process_group()
