@@ -28,21 +28,12 @@ class InitSource:
     def checkpoint(self) -> Path:
         return self.run.checkpoints / "best.pt" if self.run is not None else self.path
 
-    def record(self) -> dict:
-        """What the new run's summary keeps: where its weights came from."""
-        return {"given": self.given, "checkpoint": str(self.checkpoint),
-                "run": str(self.run.path) if self.run is not None else None}
-
 
 def resolve_init(text: str, runs_dir: Path) -> InitSource:
     """The run or checkpoint file ``text`` names (a path, or relative to ``runs_dir``), or a clear error."""
     for candidate in (Path(text).expanduser(), Path(runs_dir) / text):
         if (candidate / "spec.json").is_file():
-            run = Run(candidate.resolve())
-            if not (run.checkpoints / "best.pt").is_file():
-                raise UserError(f'train.init = "{text}": the run {run.path} has no checkpoints/best.pt (it is an '
-                                "ensemble or tuning run, or it did not finish an epoch). Give a trained model's run "
-                                "or checkpoint file.")
+            run = Run(candidate.resolve())  # a self-training backend's run keeps its weights its own way
             return InitSource(text, run.path, run)
         if candidate.is_file():
             return InitSource(text, candidate.resolve(), None)
@@ -56,6 +47,10 @@ def initial_state(source: InitSource) -> dict:
     import torch
 
     path = source.checkpoint
+    if source.run is not None and not path.is_file():
+        raise UserError(f'train.init = "{source.given}": the run {source.run.path} has no checkpoints/best.pt: it is an '
+                        "ensemble or tuning run, a run of a backend that trains itself (its weights fit that backend "
+                        "only), or it did not finish an epoch. Give a trained model's run or checkpoint file.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
