@@ -58,6 +58,8 @@ class Objective:
         if not terms:
             raise ValueError("an objective needs at least one loss term")
         self.terms = tuple(terms)
+        # Which extra keywords each term takes, read once: the call below runs every training step.
+        self.extras = tuple(frozenset(key for key in EXTRAS if term.wants(key)) for term in self.terms)
 
     @property
     def names(self) -> list[str]:
@@ -65,7 +67,7 @@ class Objective:
 
     def wants(self, extra: str) -> bool:
         """Does any term take the keyword ``extra`` (e.g. ``"skeleton"``, so the loader must make it)?"""
-        return any(term.wants(extra) for term in self.terms)
+        return any(extra in keys for keys in self.extras)
 
     def __call__(self, logits, target, valid, inputs=None, skeleton=None, *, epoch: int = 0,
                  head_weights: Sequence[float] | None = None):
@@ -89,8 +91,8 @@ class Objective:
 
         given = {"inputs": inputs, "skeleton": skeleton}
         total, values = None, {}
-        for term in self.terms:
-            extra = {key: value for key, value in given.items() if value is not None and term.wants(key)}
+        for term, keys in zip(self.terms, self.extras):
+            extra = {key: value for key, value in given.items() if value is not None and key in keys}
             if not term.steers(epoch):
                 with torch.no_grad():
                     value = term.fn(logits, target, valid, **extra)
