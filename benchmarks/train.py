@@ -8,7 +8,8 @@ Prints samples/s of both and their ratio (target: at least 0.9, i.e. the loader 
 the model). Both run the same train_step (forward, loss, backward, optimizer step). The
 augmentation is the experiment's ``[data.augment]`` (the defaults for the quick experiments).
 A loss term that takes skeleton targets (``skeleton_recall``) makes every batch carry them,
-computed by the loader workers (the model-alone step gets them from memory too); ``--skeleton
+cropped by the loader workers from each volume's cached targets and augmented with the label
+(the model-alone step gets them from memory too); ``--skeleton
 on`` or ``off`` adds or removes such a term.
 
 Before timing, the loader's prefetched batches are used up, so the pipeline is measured in its
@@ -37,13 +38,12 @@ from rich.table import Table
 from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.config.project import load_project
 from vesuvius_lab.core.config.spec import LossTerm
+from vesuvius_lab.core.data.sampling import split_targets
 from vesuvius_lab.core.data.split import make_split
 from vesuvius_lab.core.data.synthetic import write_dataset
 from vesuvius_lab.core.runs.folder import new_run
 from vesuvius_lab.core.training.trainer import Setup, Trainer
 
-#: Batches a DataLoader holds ready per worker (its default ``prefetch_factor``).
-PREFETCH = 2
 #: The loss that takes skeleton targets from the loader.
 SKELETON_LOSS = "skeleton_recall"
 
@@ -62,7 +62,7 @@ def skeleton_terms(spec, choice: str | None):
 def worker_cpu_seconds(batches) -> float:
     """CPU seconds the DataLoader's worker processes have used so far (from /proc; nan elsewhere)."""
     total = 0.0
-    for worker in getattr(batches, "_workers", []):
+    for worker in batches.workers:
         try:
             fields = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -97,10 +97,12 @@ def main() -> None:
         setup = Setup(spec, run.path, project.runs_dir, project.cache_dir, "cpu", make_split(spec), resume=False)
         trainer = Trainer(setup, 0, 1, "cpu")
         batches = trainer.batches(start_epoch=0)
-        batch = next(batches)  # warm-up: workers started, first-call allocations and kernels
+        image, targets = next(batches)  # warm-up: workers started, first-call allocations and kernels
+        batch = (image, *split_targets(targets))
         trainer.train_step(*batch)
-        for _ in range(PREFETCH * args.workers + 1):  # the batches made during warm-up are gone
-            trainer.train_step(*next(batches))
+        for _ in range(batches.prefetched + 1):  # the batches made during warm-up are gone
+            image, targets = next(batches)
+            trainer.train_step(image, *split_targets(targets))
         pipeline, alone, loader_cpu, model_cpu = 0.0, 0.0, math.inf, math.inf
         for _ in range(args.rounds):
             before = worker_cpu_seconds(batches)
@@ -111,7 +113,8 @@ def main() -> None:
                 trainer.train_step(*batch)
             alone = max(alone, args.iterations * spec.train.batch_size / (time.perf_counter() - started))
             model_cpu = min(model_cpu, (time.process_time() - cpu) / args.iterations)
-    targets = "with skeleton targets" if len(batch) == 3 else "no skeleton targets"
+    skeletons = batch[2] is not None
+    targets = "with skeleton targets" if skeletons else "no skeleton targets"
     table = Table(title=f"training throughput: {spec.name}, window {tuple(spec.data.window)}, batch "
                         f"{spec.train.batch_size}, {args.workers} workers, torch threads {torch.get_num_threads()}, "
                         f"{targets}")
@@ -123,7 +126,7 @@ def main() -> None:
     console.print(table)
     _summary.write(args.summary, [_summary.row(
         "train", f"training samples/s, {spec.name}, window {'x'.join(map(str, spec.data.window))}"
-                 + (", skeleton targets" if len(batch) == 3 else ""), pipeline,
+                 + (", skeleton targets" if skeletons else ""), pipeline,
         "samples/s", peer=alone, peer_name="model alone, batch in memory", target=">= 0.9",
         note=f"batch {spec.train.batch_size}, {args.workers} workers, {args.iterations} iterations, best of "
              f"{args.rounds} rounds, volumes {'x'.join(map(str, args.shape))}; CPU per batch: loader "

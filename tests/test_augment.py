@@ -8,13 +8,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Rand3DElasticd
+from monai.transforms import Flip, Rand3DElasticd, RandAffined, Rotate90
 from scipy import ndimage
 
 from vesuvius_lab.core.config.experiment import SpecError, load_experiment
 from vesuvius_lab.core.config.spec import Augment
-from vesuvius_lab.core.data.augment import FastRand3DElasticd, PatchAugmenter
-from vesuvius_lab.core.data.sampling import PatchSource, PatchStream
+from vesuvius_lab.core.data.augment import FastRand3DElasticd, Orientation, PatchAugmenter, SkippingRandAffined
+from vesuvius_lab.core.data.loader import Batches, batches_per_transfer
+from vesuvius_lab.core.data.sampling import PatchSource, PatchStream, split_targets
 from vesuvius_lab.core.data.skeleton import skeleton_target
 
 TRANSFORMS = list(Augment.model_fields)
@@ -131,6 +132,53 @@ def test_fast_elastic_gives_monais_output():
     assert torch.equal(torch.as_tensor(got["label"]), torch.as_tensor(expected["label"]))
 
 
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_orientation_gives_monais_flips_and_quarter_turns(turns):
+    volume = np.random.default_rng(turns).integers(0, 255, WINDOW).astype(np.uint8)
+    for flips in [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]:
+        expected = torch.from_numpy(volume[None].copy())
+        for axis, flip in enumerate(flips):
+            expected = Flip(spatial_axis=axis)(expected) if flip else expected
+        expected = Rotate90(turns, spatial_axes=(1, 2))(expected) if turns else expected
+        got = Orientation.apply(volume, flips, turns)
+        np.testing.assert_array_equal(got, np.asarray(expected)[0])
+
+
+def test_orientation_draws_each_flip_and_the_turns_with_their_probabilities():
+    orientation = Orientation(0.5, 0.75, quarter_turns=True)
+    orientation.set_random_state(0)
+    draws = [orientation.draw() for _ in range(4000)]
+    flip_rates = np.mean([flips for flips, _ in draws], axis=0)
+    turn_counts = np.bincount([turns for _, turns in draws], minlength=4) / len(draws)
+    np.testing.assert_allclose(flip_rates, 0.5, atol=0.03)
+    np.testing.assert_allclose(turn_counts, 0.25, atol=0.03)  # p = 0.75 over 3 turns: all four equally likely
+    assert all(turns == 0 for _, turns in (Orientation(0.5, 0.75, quarter_turns=False).draw() for _ in range(50)))
+
+
+def test_the_affine_transform_gives_monais_output_and_skips_patches_that_do_not_draw_it():
+    """MONAI moves the label shifted by one, as ours does inside: its zeros are the padding, our ignore."""
+    rng = np.random.default_rng(0)
+    image, label = torch.from_numpy(rng.random((1, *WINDOW), dtype=np.float32)), blocky_label()[None]
+    options = dict(keys=["image", "label"], prob=0.5, rotate_range=[0.3] * 3, scale_range=[(-0.2, 0.2)] * 3,
+                   mode=("bilinear", "nearest"), padding_mode="zeros", spatial_size=WINDOW, cache_grid=True)
+    monai, ours = RandAffined(**options), SkippingRandAffined(**options)
+    monai.set_random_state(5), ours.set_random_state(5)
+    drawn = 0
+    for _ in range(8):
+        expected = monai({"image": image, "label": torch.from_numpy(label + 1.0)})
+        got = ours({"image": image, "label": torch.from_numpy(label)})
+        if got["image"] is image:  # not drawn: passed through untouched, where MONAI only converts
+            assert got["label"].dtype == torch.uint8 and np.array_equal(got["label"].numpy(), label)
+            torch.testing.assert_close(torch.as_tensor(expected["image"]), image)
+            continue
+        drawn += 1
+        torch.testing.assert_close(torch.as_tensor(got["image"]), torch.as_tensor(expected["image"]), atol=1e-5, rtol=0)
+        shifted = torch.as_tensor(expected["label"])
+        assert torch.equal(got["label"], torch.where(shifted == 0, 2, shifted - 1).to(torch.uint8))
+        assert not np.array_equal(got["label"].numpy(), label)
+    assert 2 <= drawn <= 6
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -225,12 +273,55 @@ def test_the_same_seed_gives_the_same_patches():
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, patches(epoch, 6)))
 
 
-def test_skeleton_targets_are_yielded_when_asked():
-    stream = PatchStream(sources(), WINDOW, foreground_share=1.0, switches=Augment(), seed=0, skeleton=True)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=2))
-    image, label, skeleton = next(loader)
-    assert image.shape == label.shape == skeleton.shape == (2, 1, *WINDOW) and skeleton.dtype == torch.uint8
-    assert skeleton.any() and (skeleton.bool() <= (label == 1)).all()
-    for one_label, one_skeleton in zip(label, skeleton):
-        np.testing.assert_array_equal(one_skeleton[0].numpy(), skeleton_target(one_label[0].numpy(), 2, 1))
-    assert len(next(iter(PatchStream(sources(), WINDOW, foreground_share=1.0, switches=Augment(), seed=0)))) == 2
+def _flipped(array: np.ndarray, flips) -> np.ndarray:
+    return np.flip(array, [axis for axis, flip in enumerate(flips) if flip]) if any(flips) else array
+
+
+def test_skeleton_targets_travel_as_a_second_channel_of_the_targets_moved_with_the_label():
+    label = blocky_label()
+    label[8:, 20:30, 1:9] = 1  # no symmetry: each flip gives another label
+    skeleton = skeleton_target(label)
+    volume = PatchSource.from_arrays(SHADE[label], label, np.random.default_rng(0), skeleton=skeleton)
+    stream = PatchStream([volume], WINDOW, foreground_share=1.0, switches=only("flips"), seed=0, skeleton=True)
+    image, targets = next(iter(torch.utils.data.DataLoader(stream, batch_size=8)))
+    patch_label, patch_skeleton = split_targets(targets)
+    assert image.shape == patch_label.shape == patch_skeleton.shape == (8, 1, *WINDOW)
+    assert patch_skeleton.dtype == torch.uint8 and patch_skeleton.any()
+    every_flip = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    for one_label, one_skeleton in zip(patch_label[:, 0].numpy(), patch_skeleton[:, 0].numpy()):
+        (flips,) = [f for f in every_flip if np.array_equal(_flipped(label, f), one_label)]
+        np.testing.assert_array_equal(one_skeleton, _flipped(skeleton, flips))
+    plain = PatchStream([volume], WINDOW, foreground_share=1.0, switches=Augment(), seed=0)
+    assert next(iter(plain))[1].shape == (1, *WINDOW)  # no skeleton asked for: the label alone
+    with pytest.raises(ValueError, match="skeleton targets were asked for"):
+        PatchStream(sources(), WINDOW, foreground_share=1.0, switches=Augment(), seed=0, skeleton=True)
+
+
+@pytest.mark.parametrize("name", ["affine", "elastic"])
+def test_resampled_skeleton_targets_stay_inside_the_moved_surface(name):
+    label = blocky_label()
+    skeleton = skeleton_target(label)
+    augmenter = PatchAugmenter(only(name), WINDOW)
+    for seed in range(3):
+        augmenter.seed(seed)
+        _, targets = augmenter(SHADE[label], label, skeleton)
+        moved_label, moved_skeleton = targets.numpy()
+        assert set(np.unique(moved_skeleton)) <= {0, 1} and moved_skeleton.sum() > 0.5 * skeleton.sum()
+        assert not (moved_skeleton.astype(bool) & (moved_label != 1)).any()
+
+
+@pytest.mark.parametrize("per_transfer", [3, 4])
+def test_batches_sent_several_at_a_time_are_the_batches_of_one_at_a_time(per_transfer):
+    def stream():
+        return PatchStream(sources(), WINDOW, foreground_share=0.5, switches=Augment(), seed=2)
+
+    one, several = Batches(stream(), 2, workers=0), Batches(stream(), 2, workers=0, per_transfer=per_transfer)
+    for _ in range(7):
+        expected, got = next(one), next(several)
+        assert all(torch.equal(a, b) for a, b in zip(expected, got)) and got[0].shape == (2, 1, *WINDOW)
+
+
+def test_small_patches_share_a_transfer_and_large_ones_do_not():
+    assert batches_per_transfer(2, (16, 64, 64), 2) >= 4  # the quick experiments: 0.8 MB a batch
+    assert batches_per_transfer(2, (128, 128, 128), 2) == 1
+    assert 1 < batches_per_transfer(2, (32, 64, 64), 1) < 8

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from vesuvius_lab.cli import cli
 from vesuvius_lab.core.array_cache import checksum_path, entry_problem
-from vesuvius_lab.core.data.dataset import Dataset, check_dataset, make_folds, open_volume
+from vesuvius_lab.core.data.dataset import Dataset, Derived, check_dataset, make_folds, open_volume
 from vesuvius_lab.core.data.tiff import VolumeError, write_volume
 from vesuvius_lab.core.errors import UserError
 
@@ -165,6 +165,36 @@ def test_cache_is_invalidated_when_the_file_changes(tmp_path):
     assert int(open_volume(path, cache).max()) == 7
     assert len(list(cache.glob("*.npy"))) == 1  # the stale entry is gone
     assert not list(cache.glob("*.tmp"))
+
+
+TOTALS = Derived("totals1", lambda volume: volume.sum(axis=0, dtype=np.uint32), "column sums")
+
+
+def test_a_derived_volume_is_cached_beside_its_source_and_rebuilt_when_the_source_changes(tmp_path):
+    path, cache = tmp_path / "v.tif", tmp_path / "cache"
+    write_volume(path, np.ones((4, 8, 8), np.uint8))
+    totals = open_volume(path, cache, TOTALS)
+    assert isinstance(totals, np.memmap) and totals.shape == (8, 8) and int(totals.max()) == 4
+    entries = sorted(cache.glob("*.npy"))
+    assert len(entries) == 2 and any("totals1" in entry.name for entry in entries)  # the decoded volume and its sums
+    (derived,) = [entry for entry in entries if "totals1" in entry.name]
+    written = derived.stat().st_mtime_ns
+    assert int(open_volume(path, cache, TOTALS).max()) == 4 and derived.stat().st_mtime_ns == written
+    write_volume(path, np.full((4, 8, 8), 3, np.uint8))
+    assert int(open_volume(path, cache, TOTALS).max()) == 12
+    assert int(open_volume(path, cache).max()) == 3
+    assert len(list(cache.glob("*.npy"))) == 2 and not derived.exists()  # each kind's stale entry went
+
+
+def test_data_check_verifies_derived_entries_too(tmp_path, synth_data):
+    path = Dataset.open(synth_data).label_path(_train_ids(synth_data)[0])
+    cache = tmp_path / "cache"
+    truth = np.array(open_volume(path, cache, TOTALS))
+    (derived,) = cache.glob("*totals1*.npy")
+    np.save(derived, truth + 1)
+    (note,) = check_dataset(synth_data, progress=False, cache_dir=cache).notes
+    assert str(derived) in note and not derived.exists()
+    np.testing.assert_array_equal(open_volume(path, cache, TOTALS), truth)  # rebuilt on the next open
 
 
 def _open_and_sum(args) -> int:

@@ -13,6 +13,7 @@ Volumes are uint8 (D, H, W) multi-page TIFFs; labels are 0 background, 1 surface
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import os
@@ -21,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -228,57 +229,78 @@ def cache_key(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_prefix(path: Path) -> str:
-    """Entries of one source file share this prefix, so stale ones can be found and removed."""
-    where = hashlib.blake2b(str(Path(path).resolve()).encode(), digest_size=4).hexdigest()
-    return f"{Path(path).stem}-{where}-"
+def _cache_prefix(path: Path, kind: str = "") -> str:
+    """Entries of one source file (and one kind of derived volume) share this prefix, so stale ones
+    can be found and removed without touching the other kinds."""
+    return f"{Path(path).stem}-{kind + '-' if kind else ''}{_path_hash(path)}-"
 
 
-def open_volume(path: Path, cache_dir: Path) -> np.memmap:
-    """The volume at ``path`` as a read-only memory map of its decoded copy under ``cache_dir``.
+def _path_hash(path: Path) -> str:
+    return hashlib.blake2b(str(Path(path).resolve()).encode(), digest_size=4).hexdigest()
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A volume computed from a decoded one and cached beside it, e.g. the skeleton targets of a label.
+
+    ``kind`` names it in the cache; change it whenever ``make`` changes what it computes, so that
+    older entries are never used. ``make`` takes the decoded (D, H, W) volume."""
+
+    kind: str
+    make: Callable[[np.ndarray], np.ndarray]
+    describe: str = "derived volume"
+
+
+def open_volume(path: Path, cache_dir: Path, derived: Derived | None = None) -> np.memmap:
+    """The volume at ``path`` as a read-only memory map of its decoded copy under ``cache_dir``
+    (with ``derived``: of that volume computed from it, cached the same way).
 
     The first open decodes the TIFF and writes ``<stem>-<path hash>-<content key>.npy``
     atomically (temporary file, then rename), so concurrent processes (DataLoader workers, DDP
     ranks) never see half a file: at worst two of them decode the same volume and the second
     rename replaces an identical file. Later opens cost a ``stat`` and two small reads, and
-    reading a patch reads only that patch's pages from disk.
+    reading a patch reads only that patch's pages from disk. A derived volume's entry carries its
+    kind and the source's content key, so it is rebuilt whenever the source file changes.
     """
     path, cache_dir = Path(path), Path(cache_dir)
     if not path.is_file():
         raise VolumeError(f"{path}: file {absence(path)}. Check the data root and the csv ids "
                           "(`vlab data check`).")
-    entry = cache_entry(path, cache_dir)
+    kind = derived.kind if derived is not None else ""
+    entry = cache_entry(path, cache_dir, kind)
     cached = read_array(entry)  # None: not cached yet, or a damaged entry (deleted) that is rebuilt below
     if cached is not None:
         return cached
-    write_array(entry, read_volume(path))
-    _remove_stale(cache_dir, path, keep=entry)
+    volume = read_volume(path) if derived is None else derived.make(np.asarray(open_volume(path, cache_dir)))
+    write_array(entry, volume)
+    _remove_stale(cache_dir, path, kind, keep=entry)
     return np.load(entry, mmap_mode="r")
 
 
-def cache_entry(path: Path, cache_dir: Path) -> Path:
-    """The decoded-volume cache entry of the TIFF at ``path`` as it is now."""
-    return Path(cache_dir) / f"{_cache_prefix(path)}{cache_key(path)}.npy"
+def cache_entry(path: Path, cache_dir: Path, kind: str = "") -> Path:
+    """The cache entry of the TIFF at ``path`` as it is now (decoded, or the ``kind`` derived from it)."""
+    return Path(cache_dir) / f"{_cache_prefix(path, kind)}{cache_key(path)}.npy"
 
 
-def _remove_stale(cache_dir: Path, path: Path, keep: Path) -> None:
-    """Delete older cache entries of ``path`` (a process still mapping one keeps its data)."""
-    for stale in cache_dir.glob(f"{_cache_prefix(path)}*.npy"):
+def _remove_stale(cache_dir: Path, path: Path, kind: str, keep: Path) -> None:
+    """Delete older cache entries of ``path`` of this kind (a process still mapping one keeps its data)."""
+    for stale in cache_dir.glob(f"{_cache_prefix(path, kind)}*.npy"):
         if stale != keep:
             remove(stale)
 
 
 def check_cache(paths: list[Path], cache_dir: Path) -> list[str]:
-    """Verify the cache entries of these volumes; a damaged one is deleted (the next open rebuilds it).
-    Returns a note per deleted entry."""
+    """Verify every cache entry of these volumes (decoded and derived); a damaged one is deleted (the
+    next open rebuilds it). Returns a note per deleted entry."""
     notes = []
     for path in paths:
-        entry = cache_entry(path, cache_dir)
-        problem = entry_problem(entry)
-        if problem not in (None, "absent"):
-            remove(entry)
-            notes.append(f"{entry}: a damaged cache entry of {path} ({problem}); deleted, it is rebuilt when "
-                         "the volume is next read.")
+        pattern = f"{glob.escape(Path(path).stem)}-*{_path_hash(path)}-*.npy"  # every kind of entry
+        for entry in sorted(Path(cache_dir).glob(pattern)):
+            problem = entry_problem(entry)
+            if problem not in (None, "absent"):
+                remove(entry)
+                notes.append(f"{entry}: a damaged cache entry of {path} ({problem}); deleted, it is rebuilt when "
+                             "the volume is next read.")
     return notes
 
 
@@ -337,7 +359,7 @@ def check_dataset(root: Path, *, progress: bool = True, cache_dir: Path | None =
     summary.scrolls.update(train.values())
     jobs = [(volume_id, images.get(volume_id), labels.get(volume_id)) for volume_id in train]
     jobs += [(volume_id, tests.get(volume_id), None) for volume_id in test]
-    for volume_id, image_path, label_path in _track(jobs, "checking volumes", progress):
+    for volume_id, image_path, label_path in track(jobs, "checking volumes", progress):
         _check_volume(image_path, label_path, problems, summary)
         if volume_id in train:
             summary.train += 1
@@ -402,7 +424,8 @@ def _decoded(path: Path | None, problems: list[str]) -> np.ndarray | None:
     return volume
 
 
-def _track(items: list, description: str, enabled: bool) -> Iterable:
+def track(items: list, description: str, enabled: bool) -> Iterable:
+    """``items``, with a transient progress bar on stderr when ``enabled``."""
     if not enabled:
         return items
     from rich.progress import track

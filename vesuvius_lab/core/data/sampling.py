@@ -8,7 +8,7 @@ The augmentation (:mod:`vesuvius_lab.core.data.augment`) is seeded from that str
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +18,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vesuvius_lab.core.config.spec import Augment
 from vesuvius_lab.core.data.augment import IGNORE_LABEL, MAX_SEED, PatchAugmenter
 from vesuvius_lab.core.data.corruption import CorruptionParams, punch_holes
+from vesuvius_lab.core.data.dataset import Derived
+from vesuvius_lab.core.data.skeleton import skeleton_target
+
+#: The skeleton-recall targets of a whole label volume, computed once and cached beside the decoded
+#: label (``open_volume(label_path, cache_dir, SKELETON_TARGETS)``); a patch crops its targets from it.
+SKELETON_TARGETS = Derived("skeleton1", lambda label: skeleton_target(label, IGNORE_LABEL, thicken=1),
+                           "skeleton targets")
 
 #: Foreground coordinates kept per volume for oversampling (a subsample is plenty).
 MAX_FOREGROUND_POINTS = 20_000
@@ -25,18 +32,21 @@ MAX_FOREGROUND_POINTS = 20_000
 
 @dataclass
 class PatchSource:
-    """One training volume: image and label (memory-mapped) and some surface voxel coordinates."""
+    """One training volume: image, label and, for the skeleton-recall losses, the label's skeleton
+    targets (all three memory-mapped), and some surface voxel coordinates."""
 
     image: np.ndarray
     label: np.ndarray
     foreground: np.ndarray  # (N, 3) int coordinates of label == 1
+    skeleton: np.ndarray | None = None  # skeleton_target of the whole label
 
     @classmethod
-    def from_arrays(cls, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> "PatchSource":
+    def from_arrays(cls, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                    skeleton: np.ndarray | None = None) -> "PatchSource":
         points = np.argwhere(np.asarray(label) == 1)
         if len(points) > MAX_FOREGROUND_POINTS:
             points = points[rng.choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
-        return cls(image, label, points)
+        return cls(image, label, points, skeleton)
 
 
 def _crop_start(rng: np.random.Generator, shape: Sequence[int], window: Sequence[int],
@@ -52,18 +62,21 @@ def _crop_start(rng: np.random.Generator, shape: Sequence[int], window: Sequence
 
 
 def crop(source: PatchSource, window: Sequence[int], rng: np.random.Generator,
-         foreground: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A (window)-sized crop, padded where the volume is smaller; padding is labelled ignore (2)."""
+         foreground: bool) -> tuple[np.ndarray, ...]:
+    """A (window)-sized crop of the image, the label and (when the source has them) the skeleton
+    targets, padded where the volume is smaller; padding is labelled ignore (2). The arrays are
+    views of the memory maps where no padding was needed (the augmentation copies them)."""
     centre = source.foreground[rng.integers(len(source.foreground))] if foreground and len(source.foreground) else None
     start = _crop_start(rng, source.image.shape, window, centre)
     region = tuple(slice(s, s + w) for s, w in zip(start, window))
-    image = np.array(source.image[region], dtype=np.uint8)  # a copy: the memmap is read-only
-    label = np.array(source.label[region], dtype=np.uint8)
-    if image.shape != tuple(window):
-        pad = [(0, w - s) for s, w in zip(image.shape, window)]
-        image = np.pad(image, pad)
-        label = np.pad(label, pad, constant_values=IGNORE_LABEL)
-    return image, label
+    arrays = [source.image[region], source.label[region]]
+    if source.skeleton is not None:
+        arrays.append(source.skeleton[region])
+    if arrays[0].shape != tuple(window):
+        pad = [(0, w - s) for s, w in zip(arrays[0].shape, window)]
+        arrays = [np.pad(array, pad, constant_values=IGNORE_LABEL if index == 1 else 0)
+                  for index, array in enumerate(arrays)]
+    return tuple(arrays)
 
 
 def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: CorruptionParams) -> np.ndarray:
@@ -72,29 +85,29 @@ def damaged_label(label: np.ndarray, rng: np.random.Generator, corruption: Corru
 
 
 class PatchStream(IterableDataset):
-    """An endless stream of (image (1, D, H, W) float32, label (1, D, H, W) uint8) training patches,
-    augmented as ``switches`` (``[data.augment]``) says.
+    """An endless stream of (image (1, D, H, W) float32, targets (1, D, H, W) uint8) training
+    patches, augmented as ``switches`` (``[data.augment]``) says; the targets are the label.
 
-    With ``skeleton``, each patch also carries its label's skeleton-recall target (1, D, H, W)
-    uint8, computed after augmentation (:func:`vesuvius_lab.core.data.skeleton.skeleton_target`):
-    (image, label, skeleton). With ``corruption`` (the hole-stitching task) the image is the label
-    itself with holes punched into its sheets, and only geometric augmentation applies.
+    With ``skeleton``, the targets have a second channel: the label's skeleton-recall target
+    (:data:`SKELETON_TARGETS`, cropped from each source's ``skeleton`` and moved with the label by
+    the augmentation); :func:`split_targets` takes them apart. With ``corruption`` (the
+    hole-stitching task) the image is the label itself with holes punched into its sheets, and
+    only geometric augmentation applies.
     """
 
     def __init__(self, sources: list[PatchSource], window: Sequence[int], *, foreground_share: float,
                  switches: Augment, seed: int, rank: int = 0, corruption: CorruptionParams | None = None,
                  skeleton: bool = False):
-        self.sources, self.window = sources, tuple(window)
+        if skeleton and any(source.skeleton is None for source in sources):
+            raise ValueError("skeleton targets were asked for, but a source has none (open them with "
+                             "open_volume(label_path, cache_dir, SKELETON_TARGETS))")
+        self.sources = sources if skeleton else [replace(source, skeleton=None) for source in sources]
+        self.window = tuple(window)
         self.foreground_share, self.corruption = foreground_share, corruption
         self.switches = switches
         self.augment = PatchAugmenter(switches, self.window, geometric_only=corruption is not None)
         self.seed, self.rank = seed, rank
         self.epoch = 0
-        self.skeleton = skeleton
-        if skeleton:
-            from vesuvius_lab.core.data import skeleton as skeletons
-
-            skeletons.warm_up()  # compiled here, before DataLoader workers fork, so none of them compiles
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the next iterator for this epoch (a resumed run starts its stream where it resumes)."""
@@ -104,16 +117,16 @@ class PatchStream(IterableDataset):
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0, self.epoch])
         self.augment.seed(int(rng.integers(MAX_SEED)))
-        if self.skeleton:
-            from vesuvius_lab.core.data.skeleton import skeleton_target
         while True:
             source = self.sources[rng.integers(len(self.sources))]
-            image, label = crop(source, self.window, rng, rng.random() < self.foreground_share)
+            image, label, *skeleton = crop(source, self.window, rng, rng.random() < self.foreground_share)
             if self.corruption is not None:
-                image = damaged_label(label, rng, self.corruption)
-            image, label = self.augment(image, label)
-            if self.skeleton:
-                target = skeleton_target(label[0].numpy(), ignore_label=IGNORE_LABEL, thicken=1)
-                yield image, label, torch.from_numpy(target[None])
-            else:
-                yield image, label
+                image = damaged_label(np.asarray(label), rng, self.corruption)
+            yield self.augment(image, label, *skeleton)
+
+
+def split_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of targets (B, 1 or 2, D, H, W) -> label (B, 1, D, H, W) and skeleton (or None)."""
+    if targets.shape[1] == 1:
+        return targets, None
+    return targets[:, :1].contiguous(), targets[:, 1:].contiguous()

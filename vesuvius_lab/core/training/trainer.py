@@ -24,8 +24,10 @@ from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.console import err
-from vesuvius_lab.core.data.dataset import open_volume
-from vesuvius_lab.core.data.sampling import PatchSource, PatchStream, damaged_label
+from vesuvius_lab.core.data.dataset import open_volume, track
+from vesuvius_lab.core.data.loader import Batches, batches_per_transfer
+from vesuvius_lab.core.data.sampling import (SKELETON_TARGETS, PatchSource, PatchStream, damaged_label,
+                                             split_targets)
 from vesuvius_lab.core.data.split import TrainingSplit, check_volumes, make_split
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.engine import predict_volume
@@ -331,21 +333,24 @@ class Trainer:
         """An endless iterator of training batches. Its workers live as long as it does, so they start
         once per run rather than once per epoch; its random stream is seeded by the start epoch, so a
         resumed run draws a reproducible stream too."""
-        from torch.utils.data import DataLoader
-
         rng = np.random.default_rng(self.spec.train.seed)
-        sources = [PatchSource.from_arrays(open_volume(self.setup.split.image(i), self.setup.cache_dir),
-                                           open_volume(self.setup.split.label(i), self.setup.cache_dir), rng)
-                   for i in self.setup.split.train_ids]
+        skeleton = self.objective.wants("skeleton")  # targets cropped from a per-volume cache, when a loss asks
+        cache = self.setup.cache_dir
+        sources = []
+        for i in track(self.setup.split.train_ids, "opening training volumes", self.rank == 0):
+            label_path = self.setup.split.label(i)
+            sources.append(PatchSource.from_arrays(
+                open_volume(self.setup.split.image(i), cache), open_volume(label_path, cache), rng,
+                skeleton=open_volume(label_path, cache, SKELETON_TARGETS) if skeleton else None))
         train = self.spec.train
         stitching = self.spec.data.task == "hole_stitching"
         self.stream = PatchStream(sources, self.spec.data.window, foreground_share=self.spec.data.foreground_oversample,
                                   switches=self.spec.data.augment, seed=train.seed, rank=self.rank,
-                                  corruption=self.spec.data.corruption if stitching else None,
-                                  skeleton=self.objective.wants("skeleton"))  # made in the workers, when asked
+                                  corruption=self.spec.data.corruption if stitching else None, skeleton=skeleton)
         self.stream.set_epoch(start_epoch)
-        return iter(DataLoader(self.stream, batch_size=train.batch_size, num_workers=train.workers,
-                               pin_memory=self.device.startswith("cuda")))
+        per_transfer = batches_per_transfer(train.batch_size, self.spec.data.window, 2 if skeleton else 1)
+        return Batches(self.stream, train.batch_size, workers=train.workers, per_transfer=per_transfer,
+                       pin_memory=self.device.startswith("cuda"))
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         spec = self.spec.train
@@ -356,9 +361,10 @@ class Trainer:
         with _progress(self.rank == 0, f"epoch {epoch + 1}/{spec.epochs}", spec.iterations_per_epoch) as advance:
             advance(advance=first)
             for index in range(first, spec.iterations_per_epoch):
-                image, label, *skeleton = next(batches)  # a skeleton target when a loss asks for one
+                image, targets = next(batches)
+                label, skeleton = split_targets(targets)  # a skeleton target when a loss asks for one
                 last_of_step = (index + 1) % spec.grad_accum == 0 or index + 1 == spec.iterations_per_epoch
-                loss, terms = self.train_step(image, label, *skeleton, step=last_of_step, where=(epoch, index))
+                loss, terms = self.train_step(image, label, skeleton, step=last_of_step, where=(epoch, index))
                 sums.add({"loss": loss, **terms})
                 advance(loss=loss.item())
                 if last_of_step and index + 1 < spec.iterations_per_epoch:
