@@ -19,7 +19,8 @@ from vesuvius_lab.core.config.project import load_project
 from vesuvius_lab.core.config.spec import LauncherSettings
 from vesuvius_lab.core.launch.batch import plan
 from vesuvius_lab.core.launch.parallel import dependencies
-from vesuvius_lab.core.launch.slots import machine_pool, split_evenly
+from vesuvius_lab.core.cpu_share import FILE_VARIABLE
+from vesuvius_lab.core.launch.slots import lend_free_cores, machine_pool, split_evenly
 from vesuvius_lab.core.launch.submit import minutes, sbatch_script, slurm_parameters
 from vesuvius_lab.core.launch.torchrun import torchrun_command
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
@@ -37,6 +38,49 @@ def test_cores_are_shared_out_and_a_ddp_job_takes_nproc_shares():
     pool.give_back(first)
     both = pool.take(2)
     assert both.cpus == (0, 1, 2, 3) and both.describe() == "cpu 0-3"
+
+
+def test_the_cores_of_free_cpu_slots_are_lent_to_the_running_jobs_and_taken_back():
+    pool = machine_pool(3, "cpu", cpus=(0, 1, 2, 3, 4, 5))
+    first, second, third = pool.take(1), pool.take(1), pool.take(1)
+    assert lend_free_cores(pool, [first, second, third]) == [(0, 1), (2, 3), (4, 5)]  # nothing free
+    pool.give_back(third)
+    assert lend_free_cores(pool, [first, second]) == [(0, 1, 4), (2, 3, 5)]
+    pool.give_back(second)
+    assert lend_free_cores(pool, [first]) == [(0, 1, 2, 3, 4, 5)]
+    again = pool.take(1)  # a queued job takes a slot: its cores are no longer lent
+    assert lend_free_cores(pool, [first, again]) == [(0, 1, 4), (2, 3, 5)]
+    gpus = machine_pool(2, "cuda", cpus=(0, 1, 2, 3), gpus=("0", "1"))
+    only = gpus.take(1)
+    assert lend_free_cores(gpus, [only]) == [(0, 1)]  # a GPU's cores stay with it
+
+
+FOLLOW = """
+import os, sys, threading, time, torch
+from vesuvius_lab.core import cpu_share
+os.sched_setaffinity(0, {0})
+torch.set_num_threads(1)
+follower = cpu_share.CoreFollower()
+waiting = threading.Event()
+helper = threading.Thread(target=waiting.wait)  # a thread that exists before the move moves too
+helper.start()
+cpu_share.write_cores(os.environ[cpu_share.FILE_VARIABLE], (0, 1))
+assert not follower.follow()  # at most one look a second
+time.sleep(cpu_share.CHECK_EVERY_S)
+assert follower.follow() and not follower.follow()
+tasks = [int(t) for t in os.listdir("/proc/self/task")]
+print(torch.get_num_threads(), sorted({tuple(sorted(os.sched_getaffinity(t))) for t in tasks}))
+waiting.set()
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="needs two cores on Linux")
+def test_a_job_moves_every_thread_to_the_cores_its_file_names(tmp_path):
+    env = {**os.environ, FILE_VARIABLE: str(tmp_path / "job.cpus")}
+    result = subprocess.run([sys.executable, "-c", FOLLOW], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "[(0,", "1)]"]
 
 
 def test_each_cuda_job_gets_its_own_gpus():
@@ -207,6 +251,8 @@ def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resume
     assert "1 resumed" in again.stderr and "1 skipped" in again.stderr
     assert len(find_runs(runs)) == 2
     _complete(doomed, 3)
+    if len(os.sched_getaffinity(0)) >= 2:  # resumed alone: it started on its share and took up the free one
+        assert "vlab run --jobs shared out the cores" in (doomed.path / "log.txt").read_text()
 
 
 @pytest.mark.slow

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vesuvius_lab.core import interrupts
+from vesuvius_lab.core.cpu_share import FILE_VARIABLE, write_cores
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.launch.batch import Job, Outcome, _canonical, _same_spec_runs, finished_run, resumable_run, run_jobs
 from vesuvius_lab.core.launch.display import JobBoard
-from vesuvius_lab.core.launch.slots import Lease, Pool, machine_pool
+from vesuvius_lab.core.launch.slots import Lease, Pool, lend_free_cores, machine_pool
 from vesuvius_lab.core.launch.submit import SUBMITIT_LAUNCHERS, SubmititHandle, job_parameters, make_executor
 from vesuvius_lab.core.launch.worker import PARENT_VARIABLE, Ended, Payload, read_result, write_payload
 from vesuvius_lab.core.runs.folder import Run, find_runs
@@ -214,6 +215,8 @@ class _Entry:
     run: Run | None = None
     before: frozenset = frozenset()
     looked: float = 0.0  # when its new run was last looked for
+    cores_file: Path | None = None  # a CPU job on this machine: the cores it should use (it follows the file)
+    cores: tuple[int, ...] = ()  # what that file says now
 
 
 def dependencies(jobs: list[Job]) -> list[set[int]]:
@@ -256,6 +259,7 @@ def run_queue(jobs: list[Job], project: Project, launcher, *, force: bool = Fals
                 forwarded = len(stops)
             if not stops:
                 _dispatch(entries, project, launcher, force, end, on_start, board)
+            _lend_free_cores(entries, launcher)  # after the queue took what it could
             for entry in entries:
                 if entry.state == "running":
                     _follow(entry, project, launcher, end, board)
@@ -294,6 +298,10 @@ def _dispatch(entries, project, launcher, force, end, on_start, board) -> None:
         entry.resume, entry.lease, entry.run = resume, lease, resume
         entry.before = frozenset(run.path for run in find_runs(project.runs_dir) if run.experiment == job.spec.name)
         pinned = lease.environment() if lease.slots else {}  # on SLURM the cluster places the job
+        if lease.cpus and not lease.gpus and getattr(launcher, "folder", None) is not None:
+            entry.cores_file, entry.cores = launcher.folder / f"job-{entry.position + 1:03d}.cpus", lease.cpus
+            write_cores(entry.cores_file, lease.cpus)
+            pinned[FILE_VARIABLE] = str(entry.cores_file)
         payload = Payload(job, project, resume.path if resume else None, {**_vlab_environment(), **pinned})
         if on_start:
             on_start(entry.position, job, resume)
@@ -305,6 +313,19 @@ def _dispatch(entries, project, launcher, force, end, on_start, board) -> None:
             continue
         entry.state = "running"
         board.started(entry.position, lease.describe() if lease.slots else "", getattr(entry.handle, "id", ""))
+
+
+def _lend_free_cores(entries: list[_Entry], launcher) -> None:
+    """CPU jobs on this machine: the cores of slots no job holds go to the running jobs, and back when a
+    job takes them (each job's process follows its file; see :mod:`vesuvius_lab.core.cpu_share`)."""
+    pool = getattr(launcher, "pool", None)
+    running = [entry for entry in entries if entry.state == "running" and entry.cores_file is not None]
+    if pool is None or not running:
+        return
+    for entry, cores in zip(running, lend_free_cores(pool, [entry.lease for entry in running])):
+        if cores != entry.cores:
+            write_cores(entry.cores_file, cores)
+            entry.cores = cores
 
 
 def _follow(entry: _Entry, project: Project, launcher, end, board) -> None:

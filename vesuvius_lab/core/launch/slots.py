@@ -4,13 +4,16 @@ On CUDA a slot is one GPU (and an equal share of the CPU cores, for its data loa
 a slot is one of N equal shares of the cores this process may use. A job leases as many slots as
 its DDP ``nproc`` (at most all of them) and runs pinned to them: its ``CUDA_VISIBLE_DEVICES`` names
 its GPUs, its CPU affinity is its cores, and its thread pools (OpenMP, MKL, torch) are as wide as
-its cores, so that N jobs at once never fight over one core.
+its cores, so that N jobs at once never fight over one core. On the CPU, the cores of slots that
+no queued job takes are lent to the running jobs (:func:`lend_free_cores`), which widen to them.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from vesuvius_lab.core.cpu_share import describe_cores
 
 #: The worker pins itself to these cores (comma-separated ids) before anything else runs.
 CPUS_VARIABLE = "VLAB_CPUS"
@@ -49,7 +52,7 @@ class Lease:
     def describe(self) -> str:
         if self.gpus:
             return "cuda " + ",".join(self.gpus)
-        return "cpu " + _ranges(self.cpus)
+        return "cpu " + describe_cores(self.cpus)
 
 
 class Pool:
@@ -72,6 +75,14 @@ class Pool:
 
     def give_back(self, lease: Lease) -> None:
         self._free |= {slot.index for slot in lease.slots}
+
+    @property
+    def lends_cores(self) -> bool:
+        """CPU slots: the cores of free ones can be lent to running jobs (GPU slots are not shared)."""
+        return all(slot.gpu is None for slot in self.slots)
+
+    def free_cpus(self) -> tuple[int, ...]:
+        return tuple(sorted({cpu for index in self._free for cpu in self.slots[index].cpus}))
 
 
 def usable_cpus() -> tuple[int, ...]:
@@ -124,13 +135,10 @@ def pin_from_environment() -> None:
             pass
 
 
-def _ranges(cpus: tuple[int, ...]) -> str:
-    """(0, 1, 2, 5) -> "0-2,5"."""
-    parts, start = [], None
-    for i, cpu in enumerate(cpus):
-        if start is None:
-            start = cpu
-        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
-            parts.append(str(start) if start == cpu else f"{start}-{cpu}")
-            start = None
-    return ",".join(parts)
+def lend_free_cores(pool: Pool, running: list[Lease]) -> list[tuple[int, ...]]:
+    """The cores each running CPU job should use now: its lease's, plus an even share of the cores of
+    the slots that are free (when a queued job takes a slot, its cores go back to the pool)."""
+    if not running or not pool.lends_cores:
+        return [lease.cpus for lease in running]
+    spare = split_evenly(pool.free_cpus(), len(running)) if pool.free_cpus() else []
+    return [tuple(sorted({*lease.cpus, *(spare[i] if i < len(spare) else ())})) for i, lease in enumerate(running)]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from vesuvius_lab.core import checkpoint, interrupts
+from vesuvius_lab.core.cpu_share import CoreFollower, current_cores, describe_cores
 from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
 from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
@@ -207,8 +208,7 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     distributed.init(rank, world_size, device, port)
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)  # --jobs pins
-    torch.set_num_threads(max(1, len(cores) // world_size))
+    torch.set_num_threads(max(1, len(current_cores()) // world_size))  # --jobs pins a CPU job to its cores
     try:
         with interrupts.stop_signals():
             Trainer(setup, rank, world_size, device).fit()
@@ -235,6 +235,7 @@ class Trainer:
 
         self.setup, self.spec, self.rank, self.world_size, self.device = setup, setup.spec, rank, world_size, device
         self.run = Run(setup.run_path)
+        self.cores = CoreFollower(world_size)
         torch.manual_seed(self.spec.train.seed + rank)
         self.model = build_model(self.spec).to(device)
         if setup.init is not None and not setup.resume:
@@ -369,6 +370,9 @@ class Trainer:
                 advance(loss=loss.item())
                 if last_of_step and index + 1 < spec.iterations_per_epoch:
                     self._stop_if_asked(epoch - 1, sums.until_now(started))
+                if self.cores.follow():  # vlab run --jobs: cores that ended jobs freed, shared out
+                    _log(self.run, f"now on cores {describe_cores(self.cores.applied)}: vlab run --jobs shared out "
+                                   "the cores that no other job uses")
         elapsed = time.time() - started
         means = distributed.mean_across_ranks({k: v / max(sums.iterations, 1) for k, v in sums.values.items()})
         return {"epoch": epoch + 1, "loss": means.pop("loss"), "loss_terms": means,
