@@ -18,7 +18,7 @@ from vesuvius_lab.core.config.experiment import SpecError
 from vesuvius_lab.core.config.project import load_project
 from vesuvius_lab.core.config.spec import LauncherSettings
 from vesuvius_lab.core.launch.batch import plan
-from vesuvius_lab.core.launch.parallel import dependencies
+from vesuvius_lab.core.launch.parallel import WarmWorkers, dependencies
 from vesuvius_lab.core.cpu_share import FILE_VARIABLE
 from vesuvius_lab.core.launch.slots import lend_free_cores, machine_pool, split_evenly
 from vesuvius_lab.core.launch.submit import minutes, sbatch_script, slurm_parameters
@@ -160,6 +160,15 @@ def test_a_multi_node_job_runs_one_torchrun_per_node_from_slurm_environment(tmp_
             "--master-port=29500"} <= set(command)
     assert command[-4:] == ["-m", "vesuvius_lab.core.launch.worker", str(tmp_path / "job.pkl"),
                             str(tmp_path / "result.json")]
+
+
+def test_warm_workers_that_get_no_job_exit_and_leave_nothing_behind(tmp_path):
+    pool = machine_pool(2, "cpu", cpus=(0, 1))  # a warm worker takes its cores only with a job
+    warm = WarmWorkers(pool, tmp_path, count=2)
+    processes = [process for process, _ in warm.waiting.values()]
+    assert len(processes) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["warm-1.log", "warm-2.log"]
+    warm.close()
+    assert [process.returncode for process in processes] == [0, 0] and not list(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- jobs at once, for real

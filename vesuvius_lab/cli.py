@@ -503,12 +503,19 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force, a
     jobs before it.
     """
     from vesuvius_lab.core.launch.batch import parse_folds, plan
-    from vesuvius_lab.core.launch.parallel import run_batch
+    from vesuvius_lab.core.launch.parallel import run_batch, start_warm_workers
     from vesuvius_lab.core.reports.leaderboard import build_leaderboard
     from vesuvius_lab.core.reports.leaderboard_view import print_leaderboard
 
     project = obj.project()
-    jobs, problems = plan(list(experiments), project, overrides=list(overrides), folds=parse_folds(folds), nproc=nproc)
+    warm = start_warm_workers(project, at_once, launcher, len(experiments)) if wait else None  # they import meanwhile
+    try:
+        jobs, problems = plan(list(experiments), project, overrides=list(overrides), folds=parse_folds(folds),
+                              nproc=nproc)
+    except BaseException:
+        if warm is not None:
+            warm.close()
+        raise
     for problem in problems:
         err.print(f"[bold red]error[/] {_escape(str(problem))}")
     err.print(f"{len(jobs)} run(s) planned" + (f"; {len(problems)} problem(s) above are skipped" if problems else ""))
@@ -528,8 +535,12 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force, a
         elif outcome.status == "submitted":
             click.echo(f"{outcome.job_id}\t{outcome.job.label}")
 
-    outcomes = run_batch(jobs, project, at_once=at_once, launcher=launcher, wait=wait, force=force,
-                         on_start=started, on_done=done)
+    try:
+        outcomes = run_batch(jobs, project, at_once=at_once, launcher=launcher, wait=wait, force=force,
+                             on_start=started, on_done=done, warm=warm)
+    finally:
+        if warm is not None:
+            warm.close()
     if not wait:
         submitted = sum(o.status == "submitted" for o in outcomes)
         err.print(f"{submitted} job(s) submitted; `vlab leaderboard` shows their runs as they train.")

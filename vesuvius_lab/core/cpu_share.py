@@ -57,18 +57,32 @@ def describe_cores(cpus: tuple[int, ...]) -> str:
 
 
 def move_process(cpus: tuple[int, ...]) -> None:
-    """Put every thread of this process on ``cpus`` (Linux; threads started later inherit it)."""
+    """Put every thread of this process and of its children (DataLoader workers) on ``cpus``
+    (Linux; threads and processes started later inherit it)."""
     if not hasattr(os, "sched_setaffinity"):
         return
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [0]
-    for tid in threads:
+    for tid in _threads(os.getpid()) + [t for child in _children(os.getpid()) for t in _threads(child)]:
         try:
             os.sched_setaffinity(tid, cpus)
         except OSError:  # a thread that just ended, or a core we may not use
             pass
+
+
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid] if pid == os.getpid() else []
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for tid in _threads(pid):
+        try:
+            children += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return children
 
 
 class CoreFollower:

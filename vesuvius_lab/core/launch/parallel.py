@@ -38,7 +38,7 @@ from vesuvius_lab.core.launch.batch import Job, Outcome, _canonical, _same_spec_
 from vesuvius_lab.core.launch.display import JobBoard
 from vesuvius_lab.core.launch.slots import Lease, Pool, lend_free_cores, machine_pool
 from vesuvius_lab.core.launch.submit import SUBMITIT_LAUNCHERS, SubmititHandle, job_parameters, make_executor
-from vesuvius_lab.core.launch.worker import PARENT_VARIABLE, Ended, Payload, read_result, write_payload
+from vesuvius_lab.core.launch.worker import PARENT_VARIABLE, WARM_FLAG, Ended, Payload, read_result, write_payload
 from vesuvius_lab.core.runs.folder import Run, find_runs
 
 LAUNCHERS = ("local", *SUBMITIT_LAUNCHERS)
@@ -51,9 +51,10 @@ OnDone = Callable[[Outcome], None]
 
 def run_batch(jobs: list[Job], project: Project, *, at_once: int | None = None, launcher: str = "local",
               wait: bool = True, force: bool = False, on_start: OnStart | None = None,
-              on_done: OnDone | None = None) -> list[Outcome]:
+              on_done: OnDone | None = None, warm: WarmWorkers | None = None) -> list[Outcome]:
     """``vlab run``: one job after another in this process (``local``, one at a time, as always), or the
-    queue of this module with ``at_once`` jobs at once on this machine or through submitit."""
+    queue of this module with ``at_once`` jobs at once on this machine or through submitit (``warm``:
+    from :func:`start_warm_workers`, called before the jobs were planned)."""
     if launcher not in LAUNCHERS:
         raise UserError(f"--launcher {launcher}: choose one of {', '.join(LAUNCHERS)}.")
     if not wait and launcher == "local":
@@ -61,12 +62,22 @@ def run_batch(jobs: list[Job], project: Project, *, at_once: int | None = None, 
                         "command and end with it.")
     if launcher == "local" and (at_once or 1) == 1:
         return run_jobs(jobs, project, force=force, on_start=on_start, on_done=on_done)
-    folder = _batch_folder(project)
+    folder = warm.folder if warm is not None else _batch_folder(project)
     if not wait:
         return submit_all(jobs, project, launcher, folder, force=force, on_done=on_done)
     limit = at_once or (len(jobs) if launcher == "slurm" else 1)
-    return run_queue(jobs, project, _launcher(launcher, project, limit, folder), force=force,
+    return run_queue(jobs, project, _launcher(launcher, project, limit, folder, warm), force=force,
                      on_start=on_start, on_done=on_done)
+
+
+def start_warm_workers(project: Project, at_once: int | None, launcher: str, experiments: int) -> WarmWorkers | None:
+    """For ``vlab run --jobs N`` on this machine: a warm worker for each of the first slots (as many as
+    there are experiment files, at most N), started now so that their imports overlap the planning.
+    The caller closes them (:meth:`WarmWorkers.close`) if no queue runs."""
+    if launcher != "local" or (at_once or 1) == 1:
+        return None
+    return WarmWorkers(machine_pool(at_once, _device_kind(project.settings.device)), _batch_folder(project),
+                       count=min(at_once, experiments))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -76,12 +87,9 @@ class LocalHandle:
     """A job's process on this machine, in a session of its own (so that a terminal's Ctrl-C reaches
     this command only, which passes it on)."""
 
-    def __init__(self, command: list[str], env: dict[str, str], log: Path, result: Path, payload: Path):
-        self.result, self.payload, self.log = result, payload, log
-        with open(log, "ab") as handle:
-            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=handle,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        self.id = str(self.process.pid)
+    def __init__(self, process: subprocess.Popen, log: Path, result: Path, payload: Path):
+        self.process, self.result, self.payload, self.log = process, result, payload, log
+        self.id = str(process.pid)
 
     def ended(self) -> Ended | None:
         code = self.process.poll()
@@ -111,11 +119,61 @@ class LocalHandle:
         self.payload.unlink(missing_ok=True)
 
 
+def _worker_process(arguments: list[str], env: dict[str, str], log: Path, *, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """``python -m vesuvius_lab.core.launch.worker ARGUMENTS`` in a session of its own, its output to ``log``."""
+    with open(log, "ab") as handle:
+        return subprocess.Popen([sys.executable, "-m", "vesuvius_lab.core.launch.worker", *arguments],
+                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())},
+                                stdin=stdin, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+class WarmWorkers:
+    """One worker process per slot, started before ``vlab run`` plans its jobs: each imports torch,
+    MONAI and the trainer (several seconds) on its slot's cores while the command plans, then waits
+    for a job. A job that needs one slot starts in that slot's warm worker; others start cold."""
+
+    def __init__(self, pool: Pool, folder: Path, count: int):
+        self.pool, self.folder = pool, folder
+        self.waiting: dict[int, tuple[subprocess.Popen, Path]] = {}
+        for slot in pool.slots[:count]:
+            lease = Lease((slot,))
+            log = folder / f"warm-{slot.index + 1}.log"
+            process = _worker_process([WARM_FLAG], {**_vlab_environment(), **lease.environment()}, log,
+                                      stdin=subprocess.PIPE)
+            self.waiting[slot.index] = (process, log)
+
+    def take(self, lease: Lease, payload_file: Path, result: Path, log: Path) -> subprocess.Popen | None:
+        """The waiting worker of this one-slot lease, given the job (its log renamed to ``log``); None
+        when there is none (or it died meanwhile)."""
+        if len(lease.slots) != 1 or lease.slots[0].index not in self.waiting:
+            return None
+        process, warm_log = self.waiting.pop(lease.slots[0].index)
+        try:
+            process.stdin.write(f"{payload_file}\t{result}\n".encode())
+            process.stdin.close()
+        except OSError:  # it is gone (killed meanwhile): the job starts cold
+            process.kill()
+            return None
+        warm_log.replace(log)
+        return process
+
+    def close(self) -> None:
+        """Workers no job came for read the end of their input and exit."""
+        for process, log in self.waiting.values():
+            try:
+                process.stdin.close()
+                process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                process.kill()
+            log.unlink(missing_ok=True)
+        self.waiting.clear()
+
+
 class LocalLauncher:
     """``--launcher local``: worker processes on this machine, each on its lease of the machine's slots."""
 
-    def __init__(self, pool: Pool, limit: int, folder: Path):
-        self.pool, self.limit, self.folder = pool, limit, folder
+    def __init__(self, pool: Pool, limit: int, folder: Path, warm: WarmWorkers | None = None):
+        self.pool, self.limit, self.folder, self.warm = pool, limit, folder, warm
 
     def lease(self, job: Job) -> Lease | None:
         return self.pool.take(_devices_needed(job))
@@ -124,14 +182,19 @@ class LocalLauncher:
         if lease is not None:
             self.pool.give_back(lease)
 
-    def start(self, position: int, payload: Payload) -> LocalHandle:
+    def start(self, position: int, payload: Payload, lease: Lease | None = None) -> LocalHandle:
         stem = self.folder / f"job-{position + 1:03d}"
         payload_file = write_payload(payload, stem.with_suffix(".pkl"))
-        result = stem.with_suffix(".json")
+        result, log = stem.with_suffix(".json"), stem.with_suffix(".log")
         result.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "vesuvius_lab.core.launch.worker", str(payload_file), str(result)]
-        env = {**os.environ, **payload.environment, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())}
-        return LocalHandle(command, env, stem.with_suffix(".log"), result, payload_file)
+        process = self.warm.take(lease, payload_file, result, log) if self.warm and lease else None
+        if process is None:
+            process = _worker_process([str(payload_file), str(result)], payload.environment, log)
+        return LocalHandle(process, log, result, payload_file)
+
+    def close(self) -> None:
+        if self.warm is not None:
+            self.warm.close()
 
 
 class SubmititLauncher:
@@ -152,7 +215,8 @@ class SubmititLauncher:
         if self.pool is not None and lease is not None:
             self.pool.give_back(lease)
 
-    def start(self, position: int, payload: Payload, *, after: list[str] = ()) -> SubmititHandle:
+    def start(self, position: int, payload: Payload, lease: Lease | None = None, *,
+              after: list[str] = ()) -> SubmititHandle:
         job = payload.job
         parameters = job_parameters(self.kind, self.settings, job.spec.train.nproc, f"vlab-{job.spec.name}")
         if after and self.kind == "slurm":  # --no-wait: an ensemble starts once its members ended
@@ -173,9 +237,11 @@ class SubmititLauncher:
         return SubmititHandle(submitted, self.kind)
 
 
-def _launcher(kind: str, project: Project, limit: int, folder: Path):
+def _launcher(kind: str, project: Project, limit: int, folder: Path, warm: WarmWorkers | None = None):
     if kind == "slurm":
         return SubmititLauncher(kind, project, None, limit, folder)
+    if warm is not None:
+        return LocalLauncher(warm.pool, limit, folder, warm)
     pool = machine_pool(limit, _device_kind(project.settings.device))
     if kind == "submitit-local":
         return SubmititLauncher(kind, project, pool, limit, folder)
@@ -246,29 +312,32 @@ def run_queue(jobs: list[Job], project: Project, launcher, *, force: bool = Fals
         if on_done:
             on_done(outcome)
 
-    with _stop_signals_recorded(stops), JobBoard(jobs) as board:
-        forwarded = 0
-        while True:
-            if forwarded < len(stops):
-                if not forwarded:
-                    err.print(f"[yellow]{signal.Signals(stops[0]).name}:[/] every running job saves its run and "
-                              "stops; no more jobs start.", highlight=False)
+    try:
+        with _stop_signals_recorded(stops), JobBoard(jobs) as board:
+            forwarded = 0
+            while True:
+                if forwarded < len(stops):
+                    if not forwarded:
+                        err.print(f"[yellow]{signal.Signals(stops[0]).name}:[/] every running job saves its run and "
+                                  "stops; no more jobs start.", highlight=False)
+                    for entry in entries:
+                        if entry.state == "running":
+                            entry.handle.stop(stops[-1])
+                    forwarded = len(stops)
+                if not stops:
+                    _dispatch(entries, project, launcher, force, end, on_start, board)
+                _lend_free_cores(entries, launcher)  # after the queue took what it could
                 for entry in entries:
                     if entry.state == "running":
-                        entry.handle.stop(stops[-1])
-                forwarded = len(stops)
-            if not stops:
-                _dispatch(entries, project, launcher, force, end, on_start, board)
-            _lend_free_cores(entries, launcher)  # after the queue took what it could
-            for entry in entries:
-                if entry.state == "running":
-                    _follow(entry, project, launcher, end, board)
-            running = any(entry.state == "running" for entry in entries)
-            if not running and (stops or all(entry.state == "ended" for entry in entries)):
-                break
-            if not running and not any(_ready(e, entries) for e in entries if e.state == "queued"):
-                break  # nothing can start: only jobs whose dependencies never end (cannot happen; be safe)
-            time.sleep(POLL_S)
+                        _follow(entry, project, launcher, end, board)
+                running = any(entry.state == "running" for entry in entries)
+                if not running and (stops or all(entry.state == "ended" for entry in entries)):
+                    break
+                if not running and not any(_ready(e, entries) for e in entries if e.state == "queued"):
+                    break  # nothing can start: only jobs whose dependencies never end (cannot happen; be safe)
+                time.sleep(POLL_S)
+    finally:
+        getattr(launcher, "close", lambda: None)()  # warm workers that got no job
     if stops:
         raise interrupts.Interrupted(stops[0])
     return [outcomes[i] for i in sorted(outcomes)]
@@ -306,7 +375,7 @@ def _dispatch(entries, project, launcher, force, end, on_start, board) -> None:
         if on_start:
             on_start(entry.position, job, resume)
         try:
-            entry.handle = launcher.start(entry.position, payload)
+            entry.handle = launcher.start(entry.position, payload, lease)
         except UserError as exc:
             launcher.release(lease)
             end(entry, Outcome(job, "failed", None, str(exc)))

@@ -10,10 +10,11 @@ no queued job takes are lent to the running jobs (:func:`lend_free_cores`), whic
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
-from vesuvius_lab.core.cpu_share import describe_cores
+from vesuvius_lab.core.cpu_share import describe_cores, move_process
 
 #: The worker pins itself to these cores (comma-separated ids) before anything else runs.
 CPUS_VARIABLE = "VLAB_CPUS"
@@ -125,14 +126,18 @@ def machine_pool(jobs: int, device: str, cpus: tuple[int, ...] | None = None,
 
 
 def pin_from_environment() -> None:
-    """In a job's process: run on the cores its launcher chose (``VLAB_CPUS``), if any."""
-    text = os.environ.get(CPUS_VARIABLE, "")
-    cpus = {int(part) for part in text.split(",") if part.strip().isdigit()}
-    if cpus and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(0, cpus)
-        except OSError:  # a core that this machine no longer lets us use: keep the inherited affinity
-            pass
+    """In a job's process: run on the cores its launcher chose (``VLAB_CPUS``), if any.
+
+    torch is loaded first, on purpose: GNU OpenMP counts the cores it may use when it is loaded,
+    and a process that starts on fewer cores than threads it later runs (a job that takes up cores
+    another job freed: :mod:`vesuvius_lab.core.cpu_share`) makes its threads sleep instead of
+    spinning between parallel regions, which halves the speed of a training step. Its threads
+    are as many as ``OMP_NUM_THREADS`` says either way."""
+    importlib.import_module("torch")  # before the affinity: see above
+
+    cpus = tuple(sorted({int(part) for part in os.environ.get(CPUS_VARIABLE, "").split(",") if part.strip().isdigit()}))
+    if cpus:
+        move_process(cpus)
 
 
 def lend_free_cores(pool: Pool, running: list[Lease]) -> list[tuple[int, ...]]:

@@ -7,13 +7,14 @@ holding its run's lock, and the outcome is written to ``RESULT`` (JSON) or retur
 ``{"status": "trained" | "resumed" | "failed" | "interrupted", "run": path or null, "error": text}``.
 Exit status: 0, 2 for a user's mistake, 1 for another error, 128 + signal when stopped by a signal.
 
-This module imports no torch at import time: the job's thread limits and CPU affinity are set
-before torch is loaded.
+This module imports no torch at import time: the job's thread limits are set before torch is
+loaded (its CPU affinity just after: see :func:`~vesuvius_lab.core.launch.slots.pin_from_environment`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import pickle
@@ -185,9 +186,32 @@ def _stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+#: ``worker --warm``: load what every job needs, then wait for a job's files on stdin.
+WARM_FLAG = "--warm"
+#: What every training job imports (MONAI, for the augmentation, alone takes seconds).
+WARM_MODULES = ("torch", "vesuvius_lab.core.data.augment", "vesuvius_lab.core.training.trainer")
+
+
+def warm_up() -> list[str] | None:
+    """A warm worker: import torch, MONAI and the trainer now (seconds that ``vlab run`` spends
+    planning meanwhile), then wait for one line ``PAYLOAD<TAB>RESULT`` on stdin; None when stdin
+    closes first (no job came for this worker)."""
+    _stop_with_parent()
+    for module in WARM_MODULES:
+        importlib.import_module(module)
+
+    line = sys.stdin.readline().rstrip("\n")
+    return line.split("\t") if line else None
+
+
 def main(argv: list[str]) -> int:
-    """``worker PAYLOAD RESULT``: run the job, write its outcome to RESULT, exit with its status."""
+    """``worker PAYLOAD RESULT`` (or ``worker --warm``, which reads them from stdin): run the job, write
+    its outcome to RESULT, exit with its status."""
     _quiet()
+    if argv[:1] == [WARM_FLAG]:
+        argv = warm_up()
+        if argv is None:
+            return 0
     payload_file, result_file = Path(argv[0]), Path(argv[1])
     outcome, code = outcome_of(read_payload(payload_file), watch_parent=True)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
