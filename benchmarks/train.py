@@ -1,7 +1,7 @@
 """Training throughput: the whole pipeline (memory-mapped volumes, patch sampling, augmentation,
 DataLoader workers) against the model alone on a batch already in memory.
 
-    .venv/bin/python benchmarks/train.py [--experiment experiments/quick/unet25d.toml] [--iterations 20]
+    .venv/bin/python benchmarks/train.py [--experiment experiments/quick/unet25d.toml] [--iterations 40]
                                          [--rounds 2] [--skeleton on|off] [--set KEY=VALUE] [--summary FILE]
 
 Prints samples/s of both and their ratio (target: at least 0.9, i.e. the loader never starves
@@ -74,7 +74,7 @@ def worker_cpu_seconds(batches) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="experiments/quick/unet25d.toml")
-    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds; the best of each is kept")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skeleton", choices=("on", "off"), help="add (on) or remove (off) a skeleton_recall "

@@ -73,11 +73,12 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 def make_job(data: Path, run_dir: Path, cache: Path, fold: int | str, params: dict, log: list, *, epochs: int = 1,
-             iterations: int = 2, nproc: int = 1, init: Path | None = None) -> TrainJob:
+             iterations: int = 2, nproc: int = 1, init: Path | None = None, ema: float | None = None) -> TrainJob:
     spec = Experiment.model_validate({
         "name": "nnunet-test", "data": {"root": str(data), "fold": fold},
         "model": {"plugin": "nnunet", "params": params},
-        "train": {"epochs": epochs, "iterations_per_epoch": iterations, "nproc": nproc, "seed": 0, "workers": 0},
+        "train": {"epochs": epochs, "iterations_per_epoch": iterations, "nproc": nproc, "seed": 0, "workers": 0,
+                  "ema": ema},
     })
     val_ids = [] if fold == "all" else FOLDS[fold]
     train_ids = [case for other in FOLDS for case in other if case not in val_ids]
@@ -580,6 +581,33 @@ def test_skeleton_recall_trainer_trains_and_its_loss_ignores_label_2(trained, tm
         assert output.grad[~ignored].abs().max().item() > 0.0
         checked += 1
     assert checked == 1  # 3 stages: two outputs, nnU-Net weighs the lower one 0
+
+
+@pytest.mark.slow
+def test_ema_validates_and_saves_the_average_and_keeps_the_raw_weights_for_resuming(trained, tmp_path):
+    import torch
+
+    from vesuvius_lab.plugins.nnunet.training import build_trainer
+
+    job, model, _ = trained
+    ema_job = make_job(job.data_root, tmp_path / "run", job.cache_dir, 0, TINY_PARAMS, [], iterations=3, ema=0.9)
+    model.train(ema_job)
+    folder = fold_folder(ema_job.run_dir)
+    final = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    beside = torch.load(folder / "checkpoint_final.pth.raw", map_location="cpu", weights_only=True)
+    assert beside["updates"] == 3
+    floats = [key for key, value in final.items() if value.dtype.is_floating_point]
+    assert any(not torch.equal(final[key], beside["raw"][key]) for key in floats)  # the average is not the raw
+
+    setup = model.prepare(ema_job)
+    with setup.environ(), forward_stdout(lambda line: None):
+        trainer = build_trainer(setup, "cpu", resume=True)
+        trainer.load_checkpoint(str(folder / "checkpoint_best.pth"))  # written after validating the average
+    best = torch.load(folder / "checkpoint_best.pth", map_location="cpu", weights_only=False)["network_weights"]
+    raw = torch.load(folder / "checkpoint_best.pth.raw", map_location="cpu", weights_only=True)["raw"]
+    network = trainer.network.state_dict()
+    assert all(torch.equal(network[key], raw[key]) for key in floats)  # training goes on from the raw weights
+    assert any(not torch.equal(best[key], raw[key]) for key in floats)
 
 
 @pytest.mark.slow

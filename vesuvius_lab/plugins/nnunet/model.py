@@ -115,6 +115,7 @@ class NnUNetModel:
             augmentation_workers=params.augmentation_workers if params.augmentation_workers is not None else workers,
             final_validation=params.final_validation, save_probabilities=params.save_probabilities,
             init=init, output_log=output_log, initial_lr=params.initial_lr, momentum=params.momentum,
+            ema=train_spec.ema,
         )
 
     # ------------------------------------------------------------------ prediction

@@ -47,6 +47,7 @@ class TrainingSetup:
     init: Path | None = None  # an nnU-Net checkpoint to start a fresh training from
     initial_lr: float | None = None  # None: the trainer's own
     momentum: float | None = None  # None: the trainer's own
+    ema: float | None = None  # [train] ema: validate and save an average of the weights
     output_log: Path | None = None  # where nnU-Net's console output goes (None: the run's log)
 
     def environ(self):
@@ -72,6 +73,10 @@ def build_trainer(setup: TrainingSetup, device: Any, *, resume: bool = False) ->
         trainer.initial_lr = setup.initial_lr  # read by configure_optimizers and the poly schedule
     if setup.momentum is not None:
         _override_momentum(trainer, setup.momentum)
+    if setup.ema:
+        from vesuvius_lab.plugins.nnunet.weight_average import add_weight_average
+
+        add_weight_average(trainer, setup.ema)
     # The volumes live in the shared cache; splits and plans in this run's own folder.
     trainer.preprocessed_dataset_folder = str(setup.preprocessed_data)
     return trainer
