@@ -188,3 +188,24 @@ def test_schema_is_json_schema_of_experiments(capsys):
     assert schema["title"] == "Experiment" and {"model", "ensemble", "train"} <= set(schema["properties"])
     assert "name" in schema["required"]
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("value, device, workers", [("auto", "cpu", 0), ("auto", "cuda:0", 2), (None, "cpu", 0),
+                                                     (3, "cpu", 3), (0, "cuda", 0)])
+def test_auto_loader_workers_are_none_on_the_cpu_and_two_on_cuda(value, device, workers):
+    from vesuvius_lab.core.config.spec import loader_workers
+
+    assert loader_workers(value, device) == workers
+
+
+@pytest.mark.parametrize("line, accepted", [('workers = "auto"', True), ("workers = 4", True),
+                                            ("workers = -1", False), ('workers = "many"', False)])
+def test_train_workers_take_a_number_or_auto(tmp_path, line, accepted):
+    path = tmp_path / "e.toml"
+    path.write_text(f'name = "x"\n[model]\nplugin = "smp_unet25d"\n[train]\n{line}\n')
+    if accepted:
+        assert load_experiment(path).spec.train.workers in ("auto", 4)
+    else:
+        with pytest.raises(SpecError) as info:
+            load_experiment(path)
+        assert info.value.problems[0].path == "train.workers"

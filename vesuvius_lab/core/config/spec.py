@@ -99,6 +99,31 @@ class LauncherSettings(Strict):
         return [line.strip() for line in lines]
 
 
+def _workers(value: int | str) -> int | str:
+    if value == "auto" or (isinstance(value, int) and value >= 0):
+        return value
+    raise ValueError(f'give a number of processes (0 or more) or "auto", got {value!r}')
+
+
+#: DataLoader worker processes: a number, or "auto" (:func:`loader_workers`).
+Workers = Annotated[Union[int, str], AfterValidator(_workers)]
+#: ``workers = "auto"`` on CUDA: processes that make patches while the GPU trains.
+AUTO_WORKERS_CUDA = 2
+
+
+def loader_workers(workers: int | str | None, device: str) -> int:
+    """DataLoader worker processes for ``workers`` (a number, or ``"auto"``/None) on ``device``.
+
+    auto: none on the CPU. There the model's threads already keep every core busy, and a worker
+    that takes a core mid-step stalls the whole thread team until it is done, so a millisecond of
+    loading costs the step one to two: ``benchmarks/train.py`` measured the quick 2.5D pipeline at
+    0.88-0.91 of the model alone with two workers and 0.98 with the patches made in the training
+    process. On CUDA, workers overlap the GPU's work: 2."""
+    if isinstance(workers, int):
+        return workers
+    return AUTO_WORKERS_CUDA if str(device).startswith("cuda") else 0
+
+
 class ProjectSettings(Strict):
     """``vesuvius.toml``: defaults shared by every experiment of a project."""
 
@@ -107,7 +132,9 @@ class ProjectSettings(Strict):
     cache_dir: Path | None = Field(None, description="Decoded-volume cache; default <runs_dir>/.cache.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     seed: int = Field(0, description="Default random seed.")
-    workers: int = Field(2, ge=0, description="DataLoader workers per process.")
+    workers: Workers = Field("auto", description=(
+        "DataLoader workers per process; auto: none on the CPU (patches are made in the training process, "
+        "whose threads worker processes would stall), 2 on CUDA."))
     folds: int = Field(5, ge=2, description="Number of cross-validation folds.")
     tracker: list[TrackerRef] = Field(default_factory=list, description=(
         "[[tracker]] tables: trackers (TensorBoard, MLflow, ...) that every run of the project reports to; an "
@@ -350,7 +377,7 @@ class TrainSpec(Strict):
     grad_clip: float | None = Field(12.0, gt=0, description="Max gradient norm; None disables clipping.")
     nproc: int = Field(1, ge=1, description="DDP processes on this machine.")
     seed: int | None = Field(None, description="Default: the project's seed.")
-    workers: int | None = Field(None, ge=0, description="DataLoader workers; default the project's.")
+    workers: Workers | None = Field(None, description="DataLoader workers (a number, or auto); default the project's.")
     validate_every: int = Field(1, ge=1, description="Validate every N epochs (and after the last).")
     ema: float | None = Field(None, gt=0, lt=1, description=(
         "Decay of an exponential moving average of the weights (e.g. 0.999), updated after each optimizer step; "

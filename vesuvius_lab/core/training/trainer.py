@@ -23,7 +23,7 @@ from vesuvius_lab.core.cpu_share import CoreFollower, current_cores, describe_co
 from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
 from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
-from vesuvius_lab.core.config.spec import Experiment
+from vesuvius_lab.core.config.spec import Experiment, loader_workers
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.data.dataset import open_volume, track
 from vesuvius_lab.core.data.loader import Batches, batches_per_transfer
@@ -350,8 +350,8 @@ class Trainer:
                                   corruption=self.spec.data.corruption if stitching else None, skeleton=skeleton)
         self.stream.set_epoch(start_epoch)
         per_transfer = batches_per_transfer(train.batch_size, self.spec.data.window, 2 if skeleton else 1)
-        return Batches(self.stream, train.batch_size, workers=train.workers, per_transfer=per_transfer,
-                       pin_memory=self.device.startswith("cuda"))
+        return Batches(self.stream, train.batch_size, workers=loader_workers(train.workers, self.device),
+                       per_transfer=per_transfer, pin_memory=self.device.startswith("cuda"))
 
     def _train_epoch(self, epoch: int, batches) -> dict:
         spec = self.spec.train

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from vesuvius_lab.core.backend import TrainJob
+from vesuvius_lab.core.config.spec import loader_workers
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.plugins.nnunet.cache_lock import cache_lock
 from vesuvius_lab.plugins.nnunet.conversion import LABELS, convert_dataset
@@ -103,7 +104,7 @@ class NnUNetModel:
         data_identifier = flatten_configuration(plans, params.configuration)["data_identifier"]
         train_spec = job.spec.train
         iterations = train_spec.iterations_per_epoch
-        workers = train_spec.workers if train_spec.workers is not None else 2
+        workers = loader_workers(train_spec.workers, job.device)
         return TrainingSetup(
             plans=plans, configuration=params.configuration, fold=fold, dataset_json=dataset_json,
             trainer=params.trainer,
