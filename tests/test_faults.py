@@ -113,7 +113,7 @@ def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_d
     """SLURM, Kubernetes, docker stop and Kaggle send SIGTERM: the run saves at a step boundary inside the
     epoch, is marked interrupted and resumable, and the resumed run ends with the schedule, step count and
     records of a run that was never stopped."""
-    runs, straight, iterations = tmp_path / "runs", tmp_path / "straight", 600  # an epoch of a few seconds
+    runs, straight, iterations = tmp_path / "runs", tmp_path / "straight", 300  # an epoch of a few seconds
     file = experiment(tmp_path, epochs=2, iterations=iterations)
     process = start_vlab(["train", str(file)], synth_data, runs)
     run = wait_for_epochs(runs, 1, process)
@@ -141,7 +141,7 @@ def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_d
 
 def test_sigterm_to_a_ddp_run_stops_every_rank_at_one_step_and_resumes(synth_data, tmp_path):
     """The parent of spawned DDP ranks passes SIGTERM on; the ranks agree on the step to stop at."""
-    runs, iterations = tmp_path / "runs", 600
+    runs, iterations = tmp_path / "runs", 300
     process = start_vlab(["train", str(experiment(tmp_path, epochs=2, iterations=iterations)), "--nproc", "2"],
                          synth_data, runs)
     run = wait_for_epochs(runs, 1, process)
