@@ -209,12 +209,12 @@ def _complete(run: Run, epochs: int) -> None:
 @pytest.mark.slow
 def test_two_jobs_at_once_stop_together_on_ctrl_c_then_resume_with_complete_records(synth_data, tmp_path):
     runs = tmp_path / "runs"
-    files = _experiments(tmp_path, one=(3, 24), two=(3, 24))
+    files = _experiments(tmp_path, one=(3, 64), two=(3, 64))  # epochs of seconds: both are surely mid-run
     process = start_vlab(["run", *files, "--jobs", "2"], synth_data, runs)
     try:
         first = _run_of(runs, "one", epochs=1, process=process)
-        second = _run_of(runs, "two", process=process)
-        assert len(second.metrics()) < 3  # both are training now
+        second = _run_of(runs, "two", epochs=1, process=process)
+        assert len(first.metrics()) < 3 and len(second.metrics()) < 3  # both are training now
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=300)
     finally:
