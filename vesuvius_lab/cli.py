@@ -98,7 +98,6 @@ def schema(output):
 def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
     """Train an experiment (one fold), validate it with the competition score, record the run."""
     from vesuvius_lab.core.config.experiment import load_experiment
-    from vesuvius_lab.core.training.trainer import train as run_training
 
     if bool(experiment) == bool(resume):
         raise UserError("Give either an experiment file to start a run or --resume RUN_DIR to continue one.")
@@ -109,6 +108,8 @@ def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
     if loaded is not None and loaded.spec.ensemble is not None:
         raise UserError(f"{experiment}: an [ensemble] combines runs that are trained already; build it with "
                         f"`vlab ensemble {experiment}`.")
+    from vesuvius_lab.core.training.trainer import train as run_training  # torch: after the file is checked
+
     run = run_training(loaded, obj.project(), nproc=nproc, resume=Path(resume) if resume else None)
     _print_result(run, f"fold {run.read('summary.json', {}).get('fold')}")
 

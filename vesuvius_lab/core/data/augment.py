@@ -46,10 +46,9 @@ from monai.transforms.utils import create_grid
 from monai.utils import convert_to_tensor, fall_back_tuple
 
 from vesuvius_lab.core.config.spec import Augment
+from vesuvius_lab.core.data.dataset import IGNORE_LABEL
 
 IMAGE, LABEL = "image", "label"  # LABEL holds the targets: the label, and the skeleton as a second channel
-#: The label value of voxels that no loss or metric looks at; padding gets it.
-IGNORE_LABEL = 2
 #: MONAI's seeds are below 2**32.
 MAX_SEED = 2**32
 
@@ -233,6 +232,10 @@ class PatchAugmenter:
         if not geometric_only:
             transforms += intensity_transforms(spec)
         self.transforms = Compose(transforms)
+
+    def seed_from(self, rng: np.random.Generator) -> None:
+        """Re-seed every transform from a draw of ``rng`` (the patch stream's)."""
+        self.seed(int(rng.integers(MAX_SEED)))
 
     def seed(self, seed: int) -> None:
         """Re-seed every transform's random stream (MONAI's ``set_random_state``)."""

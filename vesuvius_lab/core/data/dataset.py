@@ -32,6 +32,9 @@ from vesuvius_lab.core.console import err
 from vesuvius_lab.core.data.tiff import VolumeError, read_tiff, read_volume, volume_problems
 from vesuvius_lab.core.errors import UserError, absence
 
+#: The label value of voxels that no loss or metric looks at ("unlabeled"); padding gets it.
+IGNORE_LABEL = 2
+
 Split = Literal["train", "test"]
 GroupBy = Literal["scroll_id", "id"]
 LABEL_VALUES = (0, 1, 2)

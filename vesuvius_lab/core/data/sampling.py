@@ -16,9 +16,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vesuvius_lab.core.config.spec import Augment
-from vesuvius_lab.core.data.augment import IGNORE_LABEL, MAX_SEED, PatchAugmenter
 from vesuvius_lab.core.data.corruption import CorruptionParams, punch_holes
-from vesuvius_lab.core.data.dataset import Derived
+from vesuvius_lab.core.data.dataset import IGNORE_LABEL, Derived
 from vesuvius_lab.core.data.skeleton import skeleton_target
 
 #: The skeleton-recall targets of a whole label volume, computed once and cached beside the decoded
@@ -105,6 +104,8 @@ class PatchStream(IterableDataset):
         self.window = tuple(window)
         self.foreground_share, self.corruption = foreground_share, corruption
         self.switches = switches
+        from vesuvius_lab.core.data.augment import PatchAugmenter  # MONAI: seconds to import, paid by training only
+
         self.augment = PatchAugmenter(switches, self.window, geometric_only=corruption is not None)
         self.seed, self.rank = seed, rank
         self.epoch = 0
@@ -116,7 +117,7 @@ class PatchStream(IterableDataset):
     def __iter__(self):
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, self.rank, worker.id if worker else 0, self.epoch])
-        self.augment.seed(int(rng.integers(MAX_SEED)))
+        self.augment.seed_from(rng)
         while True:
             source = self.sources[rng.integers(len(self.sources))]
             image, label, *skeleton = crop(source, self.window, rng, rng.random() < self.foreground_share)
