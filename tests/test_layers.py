@@ -148,3 +148,13 @@ def test_every_import_path_the_docs_show_resolves():
     paths = _documented_paths()
     assert "vesuvius_lab.core.metric.score_volume" in paths  # the collector reads the pages
     assert [path for path in sorted(paths) if not _resolves(path)] == []
+
+
+def test_the_cli_and_the_trainer_load_no_heavy_library_before_a_run_needs_it():
+    """A mistake in a file is reported at once: MONAI, nnU-Net and SMP (seconds each to import) load
+    when a run samples patches or builds its model, not when the command or the trainer is imported."""
+    code = ("import sys, vesuvius_lab.cli, vesuvius_lab.core.training.trainer, vesuvius_lab.core.inference.predict\n"
+            "print(sorted(m for m in ('monai', 'nnunetv2', 'segmentation_models_pytorch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]"]
