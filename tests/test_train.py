@@ -165,7 +165,7 @@ def _ddp_gradients(rank: int, world_size: int, port: int, out: str) -> None:
     loss.backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, out)
-    distributed.shutdown()
+    distributed.shutdown(together=True)
 
 
 def test_gradient_of_two_ranks_with_batch_b_equals_one_rank_with_batch_2b(tmp_path):

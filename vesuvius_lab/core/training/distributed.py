@@ -44,8 +44,12 @@ def init(rank: int, world_size: int, device: str, port: int | None = None) -> No
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
 
 
-def shutdown() -> None:
+def shutdown(*, together: bool = False) -> None:
+    """Leave the process group. ``together`` (a rank that ended well): first wait for every rank, since
+    gloo can abort a rank that tears its group down while a peer is still busy (seen as SIGABRT)."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

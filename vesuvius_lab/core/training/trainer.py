@@ -212,6 +212,7 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     try:
         with interrupts.stop_signals():
             Trainer(setup, rank, world_size, device).fit()
+        distributed.shutdown(together=True)
     except UserError as exc:
         if world_size == 1:
             raise
