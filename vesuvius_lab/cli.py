@@ -503,23 +503,14 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force, a
     once (one display for all; each job's output in its run's log.txt); an ensemble waits for the
     jobs before it.
     """
+    from contextlib import nullcontext
+
     from vesuvius_lab.core.launch.batch import parse_folds, plan
     from vesuvius_lab.core.launch.parallel import run_batch, start_warm_workers
     from vesuvius_lab.core.reports.leaderboard import build_leaderboard
     from vesuvius_lab.core.reports.leaderboard_view import print_leaderboard
 
     project = obj.project()
-    warm = start_warm_workers(project, at_once, launcher, len(experiments)) if wait else None  # they import meanwhile
-    try:
-        jobs, problems = plan(list(experiments), project, overrides=list(overrides), folds=parse_folds(folds),
-                              nproc=nproc)
-    except BaseException:
-        if warm is not None:
-            warm.close()
-        raise
-    for problem in problems:
-        err.print(f"[bold red]error[/] {_escape(str(problem))}")
-    err.print(f"{len(jobs)} run(s) planned" + (f"; {len(problems)} problem(s) above are skipped" if problems else ""))
 
     def started(position: int, job, resume) -> None:
         again = f", resuming {_escape(str(resume.path))}" if resume else ""
@@ -536,12 +527,15 @@ def run_many(obj: ProjectContext, experiments, folds, overrides, nproc, force, a
         elif outcome.status == "submitted":
             click.echo(f"{outcome.job_id}\t{outcome.job.label}")
 
-    try:
+    warm = start_warm_workers(project, at_once, launcher, len(experiments)) if wait else None  # they import meanwhile
+    with warm or nullcontext():  # closed however the batch ends
+        jobs, problems = plan(list(experiments), project, overrides=list(overrides), folds=parse_folds(folds),
+                              nproc=nproc)
+        for problem in problems:
+            err.print(f"[bold red]error[/] {_escape(str(problem))}")
+        err.print(f"{len(jobs)} run(s) planned" + (f"; {len(problems)} problem(s) above are skipped" if problems else ""))
         outcomes = run_batch(jobs, project, at_once=at_once, launcher=launcher, wait=wait, force=force,
                              on_start=started, on_done=done, warm=warm)
-    finally:
-        if warm is not None:
-            warm.close()
     if not wait:
         submitted = sum(o.status == "submitted" for o in outcomes)
         err.print(f"{submitted} job(s) submitted; `vlab leaderboard` shows their runs as they train.")

@@ -73,7 +73,7 @@ def run_batch(jobs: list[Job], project: Project, *, at_once: int | None = None, 
 def start_warm_workers(project: Project, at_once: int | None, launcher: str, experiments: int) -> WarmWorkers | None:
     """For ``vlab run --jobs N`` on this machine: a warm worker for each of the first slots (as many as
     there are experiment files, at most N), started now so that their imports overlap the planning.
-    The caller closes them (:meth:`WarmWorkers.close`) if no queue runs."""
+    The caller closes them once the batch has ended, however it ended (``with`` or :meth:`WarmWorkers.close`)."""
     if launcher != "local" or (at_once or 1) == 1:
         return None
     return WarmWorkers(machine_pool(at_once, _device_kind(project.settings.device)), _batch_folder(project),
@@ -157,6 +157,12 @@ class WarmWorkers:
         warm_log.replace(log)
         return process
 
+    def __enter__(self) -> WarmWorkers:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Workers no job came for read the end of their input and exit."""
         for process, log in self.waiting.values():
@@ -191,10 +197,6 @@ class LocalLauncher:
         if process is None:
             process = _worker_process([str(payload_file), str(result)], payload.environment, log)
         return LocalHandle(process, log, result, payload_file)
-
-    def close(self) -> None:
-        if self.warm is not None:
-            self.warm.close()
 
 
 class SubmititLauncher:
@@ -312,32 +314,29 @@ def run_queue(jobs: list[Job], project: Project, launcher, *, force: bool = Fals
         if on_done:
             on_done(outcome)
 
-    try:
-        with _stop_signals_recorded(stops), JobBoard(jobs) as board:
-            forwarded = 0
-            while True:
-                if forwarded < len(stops):
-                    if not forwarded:
-                        err.print(f"[yellow]{signal.Signals(stops[0]).name}:[/] every running job saves its run and "
-                                  "stops; no more jobs start.", highlight=False)
-                    for entry in entries:
-                        if entry.state == "running":
-                            entry.handle.stop(stops[-1])
-                    forwarded = len(stops)
-                if not stops:
-                    _dispatch(entries, project, launcher, force, end, on_start, board)
-                _lend_free_cores(entries, launcher)  # after the queue took what it could
+    with _stop_signals_recorded(stops), JobBoard(jobs) as board:
+        forwarded = 0
+        while True:
+            if forwarded < len(stops):
+                if not forwarded:
+                    err.print(f"[yellow]{signal.Signals(stops[0]).name}:[/] every running job saves its run and "
+                              "stops; no more jobs start.", highlight=False)
                 for entry in entries:
                     if entry.state == "running":
-                        _follow(entry, project, launcher, end, board)
-                running = any(entry.state == "running" for entry in entries)
-                if not running and (stops or all(entry.state == "ended" for entry in entries)):
-                    break
-                if not running and not any(_ready(e, entries) for e in entries if e.state == "queued"):
-                    break  # nothing can start: only jobs whose dependencies never end (cannot happen; be safe)
-                time.sleep(POLL_S)
-    finally:
-        getattr(launcher, "close", lambda: None)()  # warm workers that got no job
+                        entry.handle.stop(stops[-1])
+                forwarded = len(stops)
+            if not stops:
+                _dispatch(entries, project, launcher, force, end, on_start, board)
+            _lend_free_cores(entries, launcher)  # after the queue took what it could
+            for entry in entries:
+                if entry.state == "running":
+                    _follow(entry, project, launcher, end, board)
+            running = any(entry.state == "running" for entry in entries)
+            if not running and (stops or all(entry.state == "ended" for entry in entries)):
+                break
+            if not running and not any(_ready(e, entries) for e in entries if e.state == "queued"):
+                break  # nothing can start: only jobs whose dependencies never end (cannot happen; be safe)
+            time.sleep(POLL_S)
     if stops:
         raise interrupts.Interrupted(stops[0])
     return [outcomes[i] for i in sorted(outcomes)]
