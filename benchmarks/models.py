@@ -33,7 +33,7 @@ from rich.table import Table
 
 from vesuvius_lab.core import registry
 from vesuvius_lab.core.config.experiment import load_experiment
-from vesuvius_lab.core.models import count_parameters
+from vesuvius_lab.core.contract.models import count_parameters
 from vesuvius_lab.core.training.objective import build_objective
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"

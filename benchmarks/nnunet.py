@@ -84,7 +84,7 @@ class Clock:
 def run_ours(data: Path, work: Path, folds: list[list[str]], epochs: int, iterations: int,
              volumes: list[np.ndarray]) -> tuple[dict[str, float], list[np.ndarray]]:
     from vesuvius_lab.core import registry
-    from vesuvius_lab.core.backend import TrainJob
+    from vesuvius_lab.core.contract.backend import TrainJob
     from vesuvius_lab.core.config.spec import Experiment
 
     spec = Experiment.model_validate({

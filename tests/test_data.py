@@ -14,7 +14,7 @@ import tifffile
 from click.testing import CliRunner
 
 from vesuvius_lab.cli import cli
-from vesuvius_lab.core.array_cache import checksum_path, entry_problem
+from vesuvius_lab.core.data.array_cache import checksum_path, entry_problem
 from vesuvius_lab.core.data.dataset import Dataset, Derived, check_dataset, make_folds, open_volume
 from vesuvius_lab.core.data.tiff import VolumeError, write_volume
 from vesuvius_lab.core.errors import UserError

@@ -154,7 +154,7 @@ def test_params_monai_would_refuse_are_clear_user_errors(params, text):
 def test_the_quick_experiment_trains_end_to_end(synth_data, tmp_path):
     """experiments/quick/dynunet.toml, shrunk to the test data's volumes: deep supervision through
     the core loop, validation and checkpoints."""
-    from vesuvius_lab.core import checkpoint
+    from vesuvius_lab.core.runs import checkpoint
     from vesuvius_lab.core.config.project import load_project
     from vesuvius_lab.core.runs.folder import effective_state
     from vesuvius_lab.core.training.trainer import train

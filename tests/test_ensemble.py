@@ -25,7 +25,7 @@ from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.ensemble import EnsemblePredictor, combine
 from vesuvius_lab.core.training.ensemble_run import build_ensemble
 from vesuvius_lab.core.inference.ensemble_members import members_from_record, resolve_members
-from vesuvius_lab.core.array_cache import checksum_path, entry_problem, probabilities_problem, write_array
+from vesuvius_lab.core.data.array_cache import checksum_path, entry_problem, probabilities_problem, write_array
 from vesuvius_lab.core.inference.probability_cache import CachedRun, check_output, volume_key
 from vesuvius_lab.core.inference.run_kinds import load_run
 from vesuvius_lab.core.metric.score import score_volume

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import experiment, start_vlab, tiny_experiment, vlab, wait_for_epochs
 
-from vesuvius_lab.core import checkpoint
+from vesuvius_lab.core.runs import checkpoint
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
 from vesuvius_lab.core.runs.lock import RunLock
 from vesuvius_lab.core.training import distributed
@@ -25,7 +25,7 @@ from vesuvius_lab.core.training import distributed
 WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from vesuvius_lab.core import checkpoint
+    from vesuvius_lab.core.runs import checkpoint
     path = Path(sys.argv[1])
     step = 0
     while True:

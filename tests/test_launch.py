@@ -19,7 +19,7 @@ from vesuvius_lab.core.config.project import load_project
 from vesuvius_lab.core.config.spec import LauncherSettings
 from vesuvius_lab.core.launch.batch import plan
 from vesuvius_lab.core.launch.parallel import WarmWorkers, dependencies
-from vesuvius_lab.core.cpu_share import FILE_VARIABLE
+from vesuvius_lab.core.training.cpu_share import FILE_VARIABLE
 from vesuvius_lab.core.launch.slots import lend_free_cores, machine_pool, split_evenly
 from vesuvius_lab.core.launch.submit import minutes, sbatch_script, slurm_parameters
 from vesuvius_lab.core.launch.torchrun import torchrun_command
@@ -57,7 +57,7 @@ def test_the_cores_of_free_cpu_slots_are_lent_to_the_running_jobs_and_taken_back
 
 FOLLOW = """
 import os, sys, threading, time, torch
-from vesuvius_lab.core import cpu_share
+from vesuvius_lab.core.training import cpu_share
 os.sched_setaffinity(0, {0})
 torch.set_num_threads(1)
 follower = cpu_share.CoreFollower()

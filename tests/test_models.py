@@ -13,7 +13,7 @@ import torch
 from vesuvius_lab.core import registry
 from vesuvius_lab.core.config.experiment import SpecError, load_experiment
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.models import Depth2D, count_parameters
+from vesuvius_lab.core.contract.models import Depth2D, count_parameters
 
 #: name -> (params, tiny window): small enough to train a few steps on 2 CPU cores.
 TINY = {

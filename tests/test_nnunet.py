@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vesuvius_lab.core import registry
-from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
+from vesuvius_lab.core.contract.backend import SelfTrainingModel, TrainJob
 from vesuvius_lab.core.config.experiment import SpecError, load_experiment
 from vesuvius_lab.core.config.spec import Experiment, InferenceSpec
 from vesuvius_lab.core.data.tiff import read_volume, write_volume

@@ -9,7 +9,8 @@ import torch
 from conftest import only_run, tiny_experiment, vlab
 from scipy import ndimage
 
-from vesuvius_lab.core import checkpoint, registry
+from vesuvius_lab.core import registry
+from vesuvius_lab.core.runs import checkpoint
 from vesuvius_lab.core.config.spec import LossTerm
 from vesuvius_lab.core.data.skeleton import medial_surface, skeleton_target
 from vesuvius_lab.core.data.synthetic import generate_volume

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import experiment, only_run, start_vlab, vlab, wait_for_epochs
 
-from vesuvius_lab.core import checkpoint
+from vesuvius_lab.core.runs import checkpoint
 from vesuvius_lab.core.runs.folder import effective_state, find_runs
 
 

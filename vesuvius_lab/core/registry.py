@@ -30,7 +30,7 @@ What each group's factory returns:
                   by themselves) a ``torch.nn.Module`` mapping (B, 1, D, H, W) float windows (intensities scaled
                   to [0, 1]) to (B, C, D, H, W) logits, C = ``out_channels``; or, for a framework
                   that trains and predicts by itself, a
-                  :class:`vesuvius_lab.core.backend.SelfTrainingModel`
+                  :class:`vesuvius_lab.core.contract.backend.SelfTrainingModel`
   losses          a callable ``(logits, target, valid) -> scalar tensor``: logits (B, C, D, H, W)
                   with C = 1 (sigmoid) or 2 (softmax, channel 1 = surface), target (B, 1, D, H, W)
                   float in {0, 1}, valid a bool mask of the target's shape, False where the label

@@ -495,7 +495,7 @@ def hole_stitching_unet(params: HoleStitchingParams, *, device: Any = "cpu", run
 
 def _check_stitcher_windows(params: StitcherNetParams, spec: Any):
     """Windows must be multiples of the network's downsampling; the core feeds one channel (the mask)."""
-    from vesuvius_lab.core.windows import spec_windows, window_problems
+    from vesuvius_lab.core.contract.windows import spec_windows, window_problems
 
     multiple = params.window_multiple
     for message in window_problems(spec_windows(spec), (multiple,) * 3, network=f"a UNet of {len(params.channels)} levels"):

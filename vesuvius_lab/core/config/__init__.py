@@ -5,5 +5,5 @@ loading an experiment (``extends`` chains, ``--set`` overrides, every problem re
 file, line and key path), the TOML key positions behind those line numbers, the project settings
 and their precedence, and ``[sweep]`` grids expanded into experiments.
 
-May import: the root of core (registry, errors, files, console) only.
+May import: the root of core (registry, errors, files, console, interrupts) and ``contract``.
 """

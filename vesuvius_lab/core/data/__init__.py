@@ -5,5 +5,5 @@ writing with the decoded-volume cache, folds grouped by scroll, synthetic scroll
 competition layout, patch sampling and augmentation, and the label damage of the hole-stitching
 task.
 
-May import: the root of core and ``config``.
+May import: the root of core, ``contract`` and ``config``.
 """

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 
-from vesuvius_lab.core.array_cache import entry_problem, read_array, remove, write_array
+from vesuvius_lab.core.data.array_cache import entry_problem, read_array, remove, write_array
 from vesuvius_lab.core.config.text import TextFileError, read_text
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.data.tiff import VolumeError, read_tiff, read_volume, volume_problems

@@ -5,7 +5,7 @@ run to predict with it through one table of run kinds (models, self-training bac
 ensembles), predicting folders and writing the submission zip, the post-processing chain, the
 merge of stitched voxels, ensembles of runs and the probability cache they read.
 
-May import: the root of core, ``config``, ``data``, ``metric`` and ``runs``.
+May import: the root of core, ``contract``, ``config``, ``data``, ``metric`` and ``runs``.
 """
 
 from vesuvius_lab.core.inference.engine import predict_volume, sliding_window

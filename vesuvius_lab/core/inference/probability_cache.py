@@ -11,7 +11,7 @@ again). Changing any of them predicts afresh into a new folder. The *volume key*
 volume's voxels and shape, so a volume hits the cache whatever its file name or folder, whether
 it comes from ``vlab ensemble`` (validation volumes) or ``vlab predict``/``vlab submit`` (test
 volumes). Entries are written atomically with a checksum beside them and verified when read
-(:mod:`vesuvius_lab.core.array_cache`; values must be finite and in [0, 1]): a damaged entry is
+(:mod:`vesuvius_lab.core.data.array_cache`; values must be finite and in [0, 1]): a damaged entry is
 predicted again. Delete ``probabilities/`` to reclaim the space.
 """
 
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from vesuvius_lab.core.config.spec import Experiment, InferenceSpec
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.array_cache import probabilities_problem, read_array, write_array
+from vesuvius_lab.core.data.array_cache import probabilities_problem, read_array, write_array
 from vesuvius_lab.core.runs.folder import Run
 
 CACHE_FOLDER = "probabilities"

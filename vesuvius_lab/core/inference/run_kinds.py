@@ -7,7 +7,7 @@ Every finished run is one of these kinds, told by its spec and its model plugin:
     plugin builds, and volumes are predicted by the sliding-window engine with the run's
     ``[inference]`` (blending, TTA, axes).
 ``self_training``
-    a backend that trains and predicts by itself (a :class:`~vesuvius_lab.core.backend.SelfTrainingModel`,
+    a backend that trains and predicts by itself (a :class:`~vesuvius_lab.core.contract.backend.SelfTrainingModel`,
     e.g. nnU-Net): it loads its own artefacts from the run folder and returns probabilities.
 ``ensemble``
     an ``[ensemble]`` run: its member runs (of any kind) are opened on demand through this same
@@ -29,8 +29,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vesuvius_lab.core import checkpoint, registry
-from vesuvius_lab.core.backend import SelfTrainingModel
+from vesuvius_lab.core import registry
+from vesuvius_lab.core.runs import checkpoint
+from vesuvius_lab.core.contract.backend import SelfTrainingModel
 from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.engine import predict_volume

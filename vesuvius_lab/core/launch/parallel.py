@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vesuvius_lab.core import interrupts
-from vesuvius_lab.core.cpu_share import FILE_VARIABLE, write_cores
+from vesuvius_lab.core.training.cpu_share import FILE_VARIABLE, write_cores
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.errors import UserError
@@ -385,7 +385,7 @@ def _dispatch(entries, project, launcher, force, end, on_start, board) -> None:
 
 def _lend_free_cores(entries: list[_Entry], launcher) -> None:
     """CPU jobs on this machine: the cores of slots no job holds go to the running jobs, and back when a
-    job takes them (each job's process follows its file; see :mod:`vesuvius_lab.core.cpu_share`)."""
+    job takes them (each job's process follows its file; see :mod:`vesuvius_lab.core.training.cpu_share`)."""
     pool = getattr(launcher, "pool", None)
     running = [entry for entry in entries if entry.state == "running" and entry.cores_file is not None]
     if pool is None or not running:

@@ -14,7 +14,7 @@ import importlib
 import os
 from dataclasses import dataclass
 
-from vesuvius_lab.core.cpu_share import describe_cores, move_process
+from vesuvius_lab.core.training.cpu_share import describe_cores, move_process
 
 #: The worker pins itself to these cores (comma-separated ids) before anything else runs.
 CPUS_VARIABLE = "VLAB_CPUS"
@@ -130,7 +130,7 @@ def pin_from_environment() -> None:
 
     torch is loaded first, on purpose: GNU OpenMP counts the cores it may use when it is loaded,
     and a process that starts on fewer cores than threads it later runs (a job that takes up cores
-    another job freed: :mod:`vesuvius_lab.core.cpu_share`) makes its threads sleep instead of
+    another job freed: :mod:`vesuvius_lab.core.training.cpu_share`) makes its threads sleep instead of
     spinning between parallel regions, which halves the speed of a training step. Its threads
     are as many as ``OMP_NUM_THREADS`` says either way."""
     importlib.import_module("torch")  # before the affinity: see above

@@ -4,7 +4,7 @@ Betti matching for the TopoScore (numba kernels), SurfaceDice at a tolerance of 
 score, and ``vlab evaluate`` over folders of masks. :func:`score_volume` and :func:`mean_scores`
 are the entry points.
 
-May import: the root of core, ``config`` and ``data``.
+May import: the root of core, ``contract``, ``config`` and ``data``.
 """
 
 from vesuvius_lab.core.metric.score import IGNORE_LABEL, SURFACE_TOLERANCE, VolumeScore, mean_scores, score_volume

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vesuvius_lab.core.backend import COMPONENT_KEYS
+from vesuvius_lab.core.contract.backend import COMPONENT_KEYS
 from vesuvius_lab.core.config.spec import Experiment, ensemble_column
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs, latest_finished

@@ -5,6 +5,6 @@ distributed helpers, validation by the competition score after every post-proces
 predicts with the inference engine), the run summary, and building ensemble runs, which turn an
 ``[ensemble]`` experiment into a scored run the same way.
 
-May import: every stage below it: the root of core, ``config``, ``data``, ``metric``, ``runs``,
+May import: every stage below it: the root of core, ``contract``, ``config``, ``data``, ``metric``, ``runs``,
 ``inference``.
 """

@@ -3,7 +3,7 @@
 One entry point, :func:`train`. It creates (or, with ``resume``, reopens) a run directory, then
 trains in this process, in ``nproc`` spawned processes (DDP, gloo on the CPU and nccl on CUDA),
 or in the processes ``torchrun`` started. A model plugin that trains itself (nnU-Net) gets a
-:class:`~vesuvius_lab.core.backend.TrainJob` instead and is validated the same way afterwards.
+:class:`~vesuvius_lab.core.contract.backend.TrainJob` instead and is validated the same way afterwards.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vesuvius_lab.core import checkpoint, interrupts
-from vesuvius_lab.core.cpu_share import CoreFollower, current_cores, describe_cores
-from vesuvius_lab.core.backend import SelfTrainingModel, TrainJob
+from vesuvius_lab.core import interrupts
+from vesuvius_lab.core.runs import checkpoint
+from vesuvius_lab.core.training.cpu_share import CoreFollower, current_cores, describe_cores
+from vesuvius_lab.core.contract.backend import SelfTrainingModel, TrainJob
 from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment, loader_workers
@@ -35,7 +36,7 @@ from vesuvius_lab.core.inference.engine import predict_volume
 from vesuvius_lab.core.inference.postprocess import build_chain
 from vesuvius_lab.core.inference.run_kinds import build_model, run_kind
 from vesuvius_lab.core.inference.stitch_merge import merge_stitched
-from vesuvius_lab.core.models import count_parameters
+from vesuvius_lab.core.contract.models import count_parameters
 from vesuvius_lab.core.runs.folder import Run, environment, new_run, open_run, read_spec
 from vesuvius_lab.core.runs.lock import RunLock
 from vesuvius_lab.core.training import distributed, tracking

@@ -8,5 +8,5 @@ the score computed once per volume. Besides the in-sample best it records an hon
 (tuned on all groups of volumes but one, scored on the one left out), writes the tuned experiment
 file and a run that the leaderboard ranks as its own row, marked ``tuned``.
 
-May import: the root of core, ``config``, ``data``, ``metric``, ``runs`` and ``inference``.
+May import: the root of core, ``contract``, ``config``, ``data``, ``metric``, ``runs`` and ``inference``.
 """

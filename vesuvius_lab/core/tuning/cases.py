@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from vesuvius_lab.core.array_cache import read_array, write_array
+from vesuvius_lab.core.data.array_cache import read_array, write_array
 from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.data.dataset import Dataset, open_volume

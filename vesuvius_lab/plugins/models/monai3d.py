@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.registry import plugin
-from vesuvius_lab.core.windows import spec_windows, window_problems
+from vesuvius_lab.core.contract.windows import spec_windows, window_problems
 
 
 class _Params(BaseModel):

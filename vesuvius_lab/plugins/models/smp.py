@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.registry import plugin
-from vesuvius_lab.core.windows import spec_windows, window_problems
+from vesuvius_lab.core.contract.windows import spec_windows, window_problems
 
 #: Key prefixes of ImageNet classifier heads, which a segmentation encoder does not have.
 CLASSIFIER_HEADS = ("fc.", "_fc.", "classifier.", "head.", "last_linear.")
@@ -104,7 +104,7 @@ def _build(architecture: str, params: SmpParams, window, in_channels: int, out_c
     import segmentation_models_pytorch as smp
     import torch
 
-    from vesuvius_lab.core.models import Depth2D
+    from vesuvius_lab.core.contract.models import Depth2D
 
     if in_channels != 1:
         raise UserError(f"2.5D SMP models read single-channel CT windows; got in_channels={in_channels}.")
@@ -147,7 +147,7 @@ def prune_unused_modules(net, example) -> list[str]:
 
     import torch
 
-    from vesuvius_lab.core.models import Pruned
+    from vesuvius_lab.core.contract.models import Pruned
 
     with torch.inference_mode(False), torch.enable_grad():
         probe = copy.deepcopy(net).eval()  # eval: BatchNorm statistics stay as they are

@@ -1,4 +1,4 @@
-"""The nnU-Net backend as a :class:`~vesuvius_lab.core.backend.SelfTrainingModel`.
+"""The nnU-Net backend as a :class:`~vesuvius_lab.core.contract.backend.SelfTrainingModel`.
 
 ``train`` converts the data (cached by content), fingerprints, plans and preprocesses it (cached
 per planner and configuration), writes this run's splits and plans, and trains one fold with the
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vesuvius_lab.core.backend import TrainJob
+from vesuvius_lab.core.contract.backend import TrainJob
 from vesuvius_lab.core.config.spec import loader_workers
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.plugins.nnunet.cache_lock import cache_lock

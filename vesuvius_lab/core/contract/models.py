@@ -4,7 +4,7 @@ Every model plugin maps (B, 1, D, H, W) windows to (B, C, D, H, W) logits. A 2.5
 network that reads the D slices of a window as D input channels and predicts D x C output
 channels; :class:`Depth2D` wraps it into that 3D contract so blending, TTA and post-processing
 treat it like any 3D network. (Importing this module imports torch: plugins import it inside
-their factories; cheap window arithmetic for ``check`` hooks is in :mod:`vesuvius_lab.core.windows`.)
+their factories; cheap window arithmetic for ``check`` hooks is in :mod:`vesuvius_lab.core.contract.windows`.)
 """
 
 from __future__ import annotations
