@@ -132,8 +132,8 @@ def _print_result(run, label: str) -> None:
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
 @click.pass_obj
 def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides):
-    """Predict volumes with a trained run (a run folder, or an experiment name for its newest finished run):
-    masks after the run's post-processing chain."""
+    """Predict volumes with a trained run (a run folder, an experiment name for its newest finished run, or
+    `best` for the leaderboard's first row): masks after the run's post-processing chain."""
     from vesuvius_lab.core.inference.predict import input_volumes, predict_files
     from vesuvius_lab.core.inference.run_kinds import load_run
 
@@ -148,8 +148,10 @@ def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrid
 @cli.command()
 @click.argument("experiment", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--top", type=click.IntRange(min=2), help="Members: the N best trained experiments of the leaderboard "
+                                                          "(with the folds each has), in place of the file's.")
 @click.pass_obj
-def ensemble(obj: ProjectContext, experiment, overrides):
+def ensemble(obj: ProjectContext, experiment, overrides, top):
     """Combine trained runs (folds, models, backends) as an [ensemble] file says; score and record it as a run.
 
     \b
@@ -161,7 +163,15 @@ def ensemble(obj: ProjectContext, experiment, overrides):
     from vesuvius_lab.core.config.experiment import load_experiment
     from vesuvius_lab.core.training.ensemble_run import build_ensemble
 
-    loaded = load_experiment(experiment, list(overrides))
+    overrides = list(overrides)
+    if top:
+        from vesuvius_lab.core.config.sweep import toml_value
+        from vesuvius_lab.core.reports.best import strongest_members
+
+        members = strongest_members(obj.project().runs_dir, top)
+        err.print("members: " + ", ".join(_escape(m.get("experiment") or m["run"]) for m in members))
+        overrides.append(f"ensemble.members={toml_value(members)}")
+    loaded = load_experiment(experiment, overrides)
     run = build_ensemble(loaded, obj.project(), device=_device(obj))
     _print_result(run, f"({loaded.spec.model_label})")
 
@@ -207,7 +217,7 @@ def tune(obj: ProjectContext, target, trials, workers, storage, overrides):
 @click.pass_obj
 def submit(obj: ProjectContext, run_dir, source, output, overrides):
     """Write the competition's submission.zip (<id>.tif, uint8, each input's shape) with a run (a run
-    folder, or an experiment name for its newest finished run)."""
+    folder, an experiment name for its newest finished run, or `best` for the leaderboard's first row)."""
     from vesuvius_lab.core.inference.predict import input_volumes, write_submission
     from vesuvius_lab.core.inference.run_kinds import load_run
 
@@ -220,10 +230,18 @@ def submit(obj: ProjectContext, run_dir, source, output, overrides):
 
 
 def _run_path(obj: ProjectContext, text: str) -> Path:
-    """A run folder, a path under the runs directory, or an experiment name (its newest finished run)."""
+    """A run folder, a path under the runs directory, an experiment name (its newest finished run), or
+    ``best``: the run of the leaderboard's first row."""
+    from vesuvius_lab.core.reports.best import BEST, best_run
     from vesuvius_lab.core.runs.records import resolve_run
 
-    return resolve_run(text, obj.project().runs_dir).path
+    runs_dir = obj.project().runs_dir
+    if text == BEST and not (Path(text) / "spec.json").is_file() and not (runs_dir / BEST).is_dir():
+        run, row = best_run(runs_dir)
+        err.print(f"best: {_escape(row.experiment)} (score {row.stats['score'].mean:.4f}, the leaderboard's first "
+                  f"row), run {_escape(str(run.path))}")
+        return run.path
+    return resolve_run(text, runs_dir).path
 
 
 def _device(obj: ProjectContext) -> str:
