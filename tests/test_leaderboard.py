@@ -26,14 +26,15 @@ _started = iter(range(1_000_000, 2_000_000))
 
 
 def spec_of(name: str, fold: int, *, folds: int = 3, lr: float = 1e-3, encoder: str = "resnet18",
-            root: str = "/data/a", postprocess: list | None = None) -> dict:
+            root: str = "/data/a", postprocess: list | None = None, model: str = "smp_unet25d",
+            loss: list | None = None) -> dict:
     return Experiment.model_validate({
         "name": name, "description": f"about {name}",
         "data": {"root": root, "folds": folds, "fold": fold},
-        "model": {"plugin": "smp_unet25d", "params": {"encoder": encoder}},
+        "model": {"plugin": model, "params": {"encoder": encoder} if model.startswith("smp_") else {}},
         "train": {"lr": lr, "epochs": 4},
         "postprocess": postprocess or [],
-    }).model_dump(mode="json")
+    } | ({"loss": loss} if loss else {})).model_dump(mode="json")
 
 
 def make_run(runs_dir: Path, name: str, fold: int, score: float | None = None, *, state: str = "finished",

@@ -156,7 +156,7 @@ def test_vlab_compare_shows_changed_keys_and_volume_differences(tmp_path, capsys
     assert "Settings: 3 key(s) differ" in text  # name, model.params.encoder, train.lr
     for expected in ("model.params.encoder", "resnet18", "resnet34", "train.lr", "0.0010", "0.0003"):
         assert expected in text
-    v1 = next(line for line in text.splitlines() if " v1 " in line)
+    v1 = next(line for line in text.splitlines() if line.split()[:1] == ["v1"])
     assert "+0.2000" in v1
     assert "v2" in text and "v3" in text
 

@@ -1,7 +1,7 @@
 """The consoles every module prints through: results to stdout, progress and messages to stderr.
 
-Output that is not a terminal (a log file, CI) gets a wide page instead of rich's 80 columns, so
-tables keep their columns; ``COLUMNS`` still decides when it is set.
+Output that is not a terminal (a log file, a pipe, CI) gets a page of 120 columns instead of rich's 80
+(tables fit it: see ``core/reports/tables.py``); ``COLUMNS`` decides when it is set.
 """
 
 import os
@@ -13,7 +13,7 @@ from rich.console import Console
 def _width(stream) -> int | None:
     if "COLUMNS" in os.environ or stream.isatty():
         return None
-    return 240
+    return 120
 
 
 out = Console(soft_wrap=True, width=_width(sys.stdout))

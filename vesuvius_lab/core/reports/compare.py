@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from rich.table import Table
 from rich.text import Text
 
+from vesuvius_lab.core.reports.tables import ESSENTIAL, KEY, WRAP, Col, FittedTable
 from vesuvius_lab.core.runs.folder import Run
 from vesuvius_lab.core.runs.records import RunRecord, flatten, read_run
 
@@ -111,27 +111,36 @@ def _delta(a: Any, b: Any, *, lower_is_better: bool = False) -> Text:
     return Text(f"{delta:+.4f}" if isinstance(delta, float) else f"{delta:+d}", style=style)
 
 
-def tables(comparison: Comparison) -> list[Table]:
-    """Summary numbers, the spec diff and the per-volume score differences, as rich tables."""
+def legend(comparison: Comparison) -> Text:
+    """Which run is A and which is B: the tables' headers say only A and B."""
     a, b = comparison.a, comparison.b
-    name_a, name_b = f"A {a.experiment}/{a.run.id}", f"B {b.experiment}/{b.run.id}"
-    summary = Table("", name_a, name_b, "B - A", title="Scores (best checkpoint)", title_justify="left")
+    return Text.assemble(("A", "bold red"), f" {a.experiment}/{a.run.id}\n", ("B", "bold green"),
+                         f" {b.experiment}/{b.run.id}", no_wrap=True, overflow="ignore")
+
+
+def tables(comparison: Comparison, *, wide: bool = False) -> list[FittedTable]:
+    """Summary numbers, the spec diff and the per-volume score differences, fitted to the page (``wide``:
+    each one table with every value whole)."""
+    a, b = comparison.a, comparison.b
+    summary = FittedTable([Col("", KEY), Col("A", ESSENTIAL, "right"), Col("B", ESSENTIAL, "right"),
+                           Col("B - A", ESSENTIAL, "right")], title="Scores (best checkpoint)", wide=wide)
     for key, value_a, value_b in comparison.summary:
         if value_a is None and value_b is None:
             continue
         lower_is_better = key in ("voi_split", "voi_merge", "wall_time_s", "parameters")
         summary.add_row(key, _value(value_a), _value(value_b), _delta(value_a, value_b, lower_is_better=lower_is_better))
-    components = Table("", name_a, name_b, title="What each run used", title_justify="left")
+    components = FittedTable([Col("", KEY), Col("A", WRAP), Col("B", WRAP)], title="What each run used", wide=wide)
     for key, used_a, used_b in comparison.components:
         components.add_row(key, used_a, used_b, style=None if used_a == used_b else "bold")
-    spec = Table("key", "A", "B", title=f"Settings: {len(comparison.spec_changes)} key(s) differ",
-                 title_justify="left", caption="(not used): the run's backend used its own component instead.",
-                 caption_justify="left")
+    spec = FittedTable([Col("key", KEY), Col("A", WRAP), Col("B", WRAP)],
+                       title=f"Settings: {len(comparison.spec_changes)} key(s) differ",
+                       caption="(not used): the run's backend used its own component instead.", wide=wide)
     for change in comparison.spec_changes:
         spec.add_row(change.key, _setting(change.old, unused(change.key, a), "red"),
                      _setting(change.new, unused(change.key, b), "green"))
-    volumes = Table("volume", "score A", "score B", "score B - A", "TopoScore B - A", "SurfaceDice B - A", "VOI B - A",
-                    title=f"Per volume ({len(comparison.volumes)} volume(s), from scores.json)", title_justify="left")
+    volumes = FittedTable([Col("volume", KEY), *(Col(header, ESSENTIAL, "right") for header in (
+        "score A", "score B", "Δ score", "Δ TopoScore", "Δ SurfaceDice", "Δ VOI"))],
+        title=f"Per volume ({len(comparison.volumes)} volume(s), from scores.json; Δ = B - A)", wide=wide)
     for volume in comparison.volumes:
         va, vb = volume.a or {}, volume.b or {}
         volumes.add_row(volume.id, _value(va.get("score", "—")), _value(vb.get("score", "—")),

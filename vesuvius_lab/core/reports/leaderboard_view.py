@@ -14,12 +14,12 @@ import json
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from vesuvius_lab.core.config.sweep import key_labels
 from vesuvius_lab.core.reports.leaderboard import Column, Leaderboard, Notice, Row, Stat
 from vesuvius_lab.core.reports.row_filter import MISSING, as_number
+from vesuvius_lab.core.reports.tables import ESSENTIAL, KEY, OPTIONAL, WRAP, Col, FittedTable
 
 DASH = "—"
 NOTICE_STYLES = {"killed": "red", "failed": "red", "running": "yellow", "interrupted": "yellow",
@@ -155,12 +155,23 @@ def title(board: Leaderboard) -> str:
 COLLAPSIBLE = ("model", "loss", "blend", "postprocess", "commit")
 
 
-#: Differing settings shown as terminal columns; the rest are named in the caption (exports keep all).
+#: Differing settings shown as terminal columns; the rest are named in the caption (--wide and exports keep all).
 MAX_TERMINAL_SPEC_COLUMNS = 4
 
+#: What identifies a row (repeated on every table; ``fold`` only in ``--runs``) and what is always shown
+#: whole; the rest may move. Rows keep their order in every table.
+KEY_COLUMNS = ("rank", "experiment", "fold")
+ESSENTIAL_COLUMNS = ("score", "topo_score", "surface_dice", "voi_score", "folds")
+NUMERIC_COLUMNS = {"rank", "score", "topo_score", "surface_dice", "voi_score", "delta", "folds", "epochs",
+                   "wall_time", "parameters"}
 
-def rich_table(board: Leaderboard) -> Table:
-    """The terminal view: columns equal in every row go to the caption, std on a second line."""
+
+def rich_table(board: Leaderboard, *, wide: bool = False) -> FittedTable:
+    """The terminal view, fitted to the page (see :mod:`vesuvius_lab.core.reports.tables`): rank and
+    experiment head every table; scores (mean ± std) and folds are never shortened and come first;
+    the settings are whole where they fit, else on a table below (ellipsized only when wider than a
+    table of their own). Columns equal in every row go to the caption. ``wide``: one table, every
+    differing setting, nothing shortened."""
     rows = text_rows(board)
     keys = [c.key for c in board.columns] + board.spec_keys
     constant = {key for position, key in enumerate(keys) if key in COLLAPSIBLE and len(rows) > 1
@@ -168,45 +179,53 @@ def rich_table(board: Leaderboard) -> Table:
     titles = {c.key: c.title for c in board.columns}
     caption = " · ".join(f"{titles[key]} {rows[0][keys.index(key)][0]}" for key in COLLAPSIBLE
                          if key in constant and rows[0][keys.index(key)][0] != DASH)
-    shown_keys = board.spec_keys[:MAX_TERMINAL_SPEC_COLUMNS]
-    hidden = board.spec_keys[MAX_TERMINAL_SPEC_COLUMNS:]
+    limit = len(board.spec_keys) if wide else MAX_TERMINAL_SPEC_COLUMNS
+    hidden = board.spec_keys[limit:]
     captions = [f"same in every row: {caption}"] if caption else []
     if hidden:
         captions.append(f"{len(hidden)} more differing settings not shown here ({', '.join(hidden[:6])}"
-                        f"{', ...' if len(hidden) > 6 else ''}): see --md, --csv, --json or vlab compare")
-    table = Table(title=title(board), title_justify="left", header_style="bold", caption_justify="left",
-                  caption="\n".join(captions) or None)
-    numeric = {"rank", "score", "topo_score", "surface_dice", "voi_score", "delta", "folds", "epochs",
-               "wall_time", "parameters"}
+                        f"{', ...' if len(hidden) > 6 else ''}): see --wide, --md, --csv, --json or vlab compare")
+    shown = [key for key in keys if key not in constant and key not in hidden]
     labels = key_labels(board.spec_keys)
-    for column in board.columns:
-        if column.key not in constant:
-            table.add_column(column.title, justify="right" if column.key in numeric else "left", overflow="fold",
-                             no_wrap=column.key in numeric | {"experiment", "run", "commit", "model"})
-    for key in shown_keys:
-        table.add_column(labels[key], header_style="bold cyan", overflow="fold")
-    dropped = constant | set(hidden)
+    marked = any(row.marker for row in board.rows)
+    columns = []
+    for key in shown:
+        title_of = titles.get(key, labels.get(key, key))
+        role = KEY if key in KEY_COLUMNS else ESSENTIAL if key in ESSENTIAL_COLUMNS else OPTIONAL
+        columns.append(Col(title_of, role, "right" if key in NUMERIC_COLUMNS else "left",
+                           header_style=None if key in titles else "bold cyan"))
+        if key == "experiment" and marked:  # how a tuned row was scored, read as part of its name
+            columns.append(Col("", OPTIONAL))
+    table = FittedTable(columns, title=title(board), caption="\n".join(captions) or None, wide=wide)
     for row, cells in zip(board.rows, rows):
-        table.add_row(*(_rich_cell(text, best) for key, (text, best) in zip(keys, cells) if key not in dropped),
-                      style="bold" if row.rank == 1 and len(board.rows) > 1 else None)
+        texts = []
+        for key, (text, best) in zip(keys, cells):
+            if key == "experiment":
+                texts.append(Text(row.experiment))
+                if marked:
+                    texts.append(Text(f"({row.marker})" if row.marker else ""))
+            elif key in shown:
+                texts.append(_rich_cell(text, best))
+        table.add_row(*texts, style="bold" if row.rank == 1 and len(board.rows) > 1 else None)
     return table
 
 
 def _rich_cell(text: str, best: bool) -> Text:
+    """A cell, its mean highlighted when it is the best of its column, its standard deviation dim."""
     mean, sep, std = text.partition(" ± ")
     cell = Text(mean, style="bold green" if best else "")
     if sep:
-        cell.append(f"\n±{std}", style="dim")
+        cell.append(f" ± {std}", style="dim")
     return cell
 
 
-def rich_notices(board: Leaderboard) -> list[Text]:
-    """The lines below the table: runs that are not ranked, and warnings about experiments."""
-    lines = []
+def rich_notices(board: Leaderboard) -> FittedTable:
+    """Below the table: runs that are not ranked and warnings, one per row, wrapped between words."""
+    table = FittedTable([Col("kind", KEY, "right"), Col("notice", WRAP)], show_header=False)
     for notice, text in notice_lines(board):
         style = NOTICE_STYLES.get(notice.kind, "yellow")
-        lines.append(Text.assemble((f"{notice.kind:>14}  ", f"bold {style}"), (text, style if style == "dim" else "")))
-    return lines
+        table.add_row(Text(notice.kind, style=f"bold {style}"), Text(text, style=style if style == "dim" else ""))
+    return table
 
 
 # --------------------------------------------------------------------------- markdown, html
@@ -317,8 +336,10 @@ def to_csv(board: Leaderboard) -> str:
 # --------------------------------------------------------------------------- printing
 
 
-def print_leaderboard(board: Leaderboard, out: Console, err: Console, fmt: str | None = None) -> None:
-    """Print in ``fmt`` ("md", "csv", "json"; None: a rich table) to ``out``; CSV's warnings go to ``err``."""
+def print_leaderboard(board: Leaderboard, out: Console, err: Console, fmt: str | None = None, *,
+                      wide: bool = False) -> None:
+    """Print in ``fmt`` ("md", "csv", "json"; None: a rich table fitted to ``out``'s width, or with
+    ``wide`` one table with every value whole) to ``out``; CSV's warnings go to ``err``."""
     if fmt == "json":
         out.out(to_json(board), end="", highlight=False)
         return
@@ -331,10 +352,10 @@ def print_leaderboard(board: Leaderboard, out: Console, err: Console, fmt: str |
             err.print(f"warning: {text}", highlight=False, markup=False)
         return
     if board.rows:
-        out.print(rich_table(board))
+        out.print(rich_table(board, wide=wide), crop=False)
     else:
         out.print(f"No ranked runs under {board.runs_dir}"
                   + (" pass the filters." if board.filters else " yet: train one with `vlab train EXPERIMENT`."),
                   highlight=False, markup=False)
-    for line in rich_notices(board):
-        out.print(line)
+    if board.notices:
+        out.print(rich_notices(board), crop=False)

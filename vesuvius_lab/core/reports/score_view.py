@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from rich import box
-from rich.table import Table
-
 from vesuvius_lab.core.metric.score import VolumeScore, mean_scores
+from vesuvius_lab.core.reports.tables import ESSENTIAL, KEY, OPTIONAL, Col, FittedTable
 
 
 def scores_json(scores: list[tuple[str, VolumeScore]]) -> dict:
@@ -14,14 +12,15 @@ def scores_json(scores: list[tuple[str, VolumeScore]]) -> dict:
             "mean": mean_scores([score for _, score in scores])}
 
 
-def scores_table(scores: list[tuple[str, VolumeScore]]) -> Table:
-    """One row per volume, then the mean; Betti counts as matched/pred/label for dimensions 0, 1, 2."""
-    table = Table(title="competition score", title_justify="left", box=box.SIMPLE_HEAD,
-                  caption="Betti: matched/predicted/label features of dimension 0 | 1 | 2, summed over "
-                          "the 2x2x2 tiles. VOI: VOI_score (split + merge).", caption_justify="left")
-    table.add_column("id", overflow="fold")
-    for header in ("score", "TopoScore", "Betti", "SurfaceDice", "VOI"):
-        table.add_column(header, justify="right", no_wrap=header != "Betti")
+def scores_table(scores: list[tuple[str, VolumeScore]]) -> FittedTable:
+    """One row per volume, then the mean; Betti counts as matched/pred/label for dimensions 0, 1, 2. Fitted to
+    the page: ids and scores whole on one line, the Betti counts on a table below when they do not fit."""
+    table = FittedTable([Col("id", KEY), Col("score", ESSENTIAL, "right"), Col("TopoScore", ESSENTIAL, "right"),
+                         Col("Betti", OPTIONAL, "right"), Col("SurfaceDice", ESSENTIAL, "right"),
+                         Col("VOI", ESSENTIAL, "right")],
+                        title="competition score",
+                        caption="Betti: matched/predicted/label features of dimension 0 | 1 | 2, summed over "
+                                "the 2x2x2 tiles. VOI: VOI_score (split + merge).")
     for volume_id, s in scores:
         counts = " | ".join("/".join(str(n) for n in s.betti.get(k, (0, 0, 0))) for k in (0, 1, 2))
         table.add_row(volume_id, f"{s.score:.4f}", f"{s.topo_score:.4f}", counts, f"{s.surface_dice:.4f}",
