@@ -6,7 +6,8 @@ One package per stage of the pipeline, lowest first; a stage imports only the st
 - the root: ``registry`` (the plugin contract), ``errors``, ``files``, ``console``,
   ``checkpoint`` (the checkpoint format), ``backend`` (self-training backends), ``models``
   (the 2.5D wrapper), ``windows`` (the windows a network takes, for plugins' checks), ``array_cache``
-  (checksummed ``.npy`` caches), ``interrupts`` (Ctrl-C and SIGTERM);
+  (checksummed ``.npy`` caches), ``interrupts`` (Ctrl-C and SIGTERM), ``children`` (child processes
+  end with their parent);
 - ``config``: the spec, experiment loading, project settings, sweeps;
 - ``data``: the dataset, TIFF I/O, folds, synthetic scrolls, patch sampling, label damage;
 - ``metric``: the competition score;
@@ -16,3 +17,7 @@ One package per stage of the pipeline, lowest first; a stage imports only the st
 - ``tuning``: ``vlab tune``, the chain chosen on out-of-fold predictions (beside ``training``);
 - ``launch`` and ``reports``: batches of runs; the leaderboard, compare and pictures.
 """
+
+# Imported with the core, so that every multiprocessing child that imports it adopts its parent as it
+# starts (a library's pools included): see children.py.
+from vesuvius_lab.core import children as _children  # noqa: E402,F401

@@ -1,18 +1,24 @@
-"""Stopping cleanly on Ctrl-C (SIGINT) and SIGTERM.
+"""Stopping cleanly on Ctrl-C (SIGINT) and SIGTERM, at safe points only.
 
-SIGTERM is what SLURM, Kubernetes, ``docker stop`` and a Kaggle session send before they kill a
-job, so it is treated like Ctrl-C: the run saves and exits, marked ``interrupted`` and resumable.
-While the trainer loop runs, a signal is *deferred*: the loop finishes the optimizer step in
-progress, saves ``last`` with the exact optimizer, scheduler, RNG and position in the epoch, and
-then stops (a second Ctrl-C stops at once). Elsewhere (validation of a backend, ensembles, the
-queue of ``vlab run``) the signal raises :class:`Interrupted` right away; every record is written
-atomically, so nothing half-written is left.
+SIGTERM is what SLURM, Kubernetes, ``docker stop`` and a Kaggle session send before they kill a job,
+so it is treated like Ctrl-C. While a long command runs (train, tune, predict, submit, ensemble, run,
+postprocess: inside :func:`stop_signals`), a stop signal only *records* the request. The command looks
+at it at its own safe points, with :func:`check`, which raises :class:`Interrupted` there: between
+training steps (after saving ``last``), trials, volumes, jobs. So a signal never raises inside a
+library call: an SQLite or Optuna commit, a checkpoint write, a worker's handshake. The command then
+marks its run ``interrupted`` and exits with 128 + the signal (130, 143). A second signal stops at
+once, unless it comes within :data:`REPEAT_WINDOW_S` of the first: that is the same request
+delivered twice (Ctrl-C reaches every process of the terminal's group, and a parent passes it on).
+
+A command that waits for child processes which stop by themselves (DDP ranks, the jobs of ``vlab run
+--jobs``, torchrun) uses :func:`passed_on` instead: each signal is passed on to the children, nothing
+is raised at once, and the command stops once they have. Waits wake up every :data:`POLL_S` to do so.
 
 The handlers are installed explicitly, so the behaviour does not depend on how the process was
 started: a background job inherits SIGINT as *ignored*, and Python then never raises
 KeyboardInterrupt by itself. Processes forked while they are installed (multiprocessing pools,
-e.g. nnU-Net's preprocessing, and data-loader workers) behave as if they were not: a pool that
-terminates its workers with SIGTERM must see them die, not raise in the middle of a queue.
+data-loader workers) behave as if they were not: a pool that terminates its workers with SIGTERM
+must see them die, not record a request in the middle of a queue.
 """
 
 from __future__ import annotations
@@ -22,11 +28,17 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vesuvius_lab.core.console import err
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: A second signal within this many seconds is the same request delivered twice (Ctrl-C reaches every
+#: process of the terminal's group, and a DDP parent also forwards it to its ranks), not "stop at once".
+REPEAT_WINDOW_S = 2.0
+#: How often a wait for child processes wakes up to pass a stop on.
+POLL_S = 0.25
 
 
 class Interrupted(KeyboardInterrupt):
@@ -38,17 +50,13 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
-#: A second signal within this many seconds is the same request delivered twice (Ctrl-C reaches every
-#: process of the terminal's group, and a DDP parent also forwards it to its ranks), not "stop at once".
-REPEAT_WINDOW_S = 2.0
-
-
 class _State:
-    deferring = False  # inside the trainer loop: stop at the next step boundary
-    pending: int | None = None  # the signal received while deferring
-    received_at = 0.0
     owner: int | None = None  # the process that installed the handlers
     outer: dict = {}  # the handlers they replaced, for the processes forked from it
+    signals: list[int] = []  # every stop signal received, in order
+    first_at = 0.0  # when the first one came
+    at = "at the next safe point"  # where the running command stops, for the message
+    passing_on = False  # the children decide: never stop at once
 
 
 _state = _State()
@@ -58,14 +66,17 @@ def _handle(signum: int, frame) -> None:
     if os.getpid() != _state.owner:
         _as_before(signum, frame)  # a forked child (a pool or loader worker): behave as if never installed
         return
-    if _state.deferring:
-        if _state.pending is None:
-            _state.pending, _state.received_at = signum, time.monotonic()
-            err.print(f"[yellow]{signal.Signals(signum).name}:[/] saving at the end of this training step, then "
-                      "stopping (Ctrl-C again stops at once).", highlight=False)
-            return
-        if time.monotonic() - _state.received_at < REPEAT_WINDOW_S:
-            return
+    now = time.monotonic()
+    _state.signals.append(signum)
+    if len(_state.signals) == 1:
+        _state.first_at = now
+        if not _state.passing_on:
+            again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+            err.print(f"[yellow]{signal.Signals(signum).name}:[/] stopping {_state.at} ({again} stops at once).",
+                      highlight=False)
+        return
+    if _state.passing_on or now - _state.first_at < REPEAT_WINDOW_S:
+        return
     raise Interrupted(signum)
 
 
@@ -92,34 +103,62 @@ def _as_before(signum: int, frame) -> None:
 
 
 @contextmanager
-def stop_signals() -> Iterator[None]:
-    """Handle SIGINT and SIGTERM as described above while the block runs (main thread only)."""
+def stop_signals(at: str | None = None) -> Iterator[None]:
+    """Record SIGINT and SIGTERM while the block runs (main thread only); :func:`check` raises at safe
+    points. ``at`` says where this command stops, e.g. "after this volume", for the message a signal
+    prints. Nested blocks share the outermost one's requests."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _handle) for signum in STOP_SIGNALS}
     outermost = _state.owner != os.getpid()
-    if outermost:
-        _state.owner, _state.outer = os.getpid(), dict(previous)
+    if outermost:  # before the handlers, so that a signal arriving meanwhile finds them consistent
+        _state.outer, _state.signals, _state.at = ({signum: signal.getsignal(signum) for signum in STOP_SIGNALS},
+                                                   [], "at the next safe point")
+        _state.owner = os.getpid()
+    where = _state.at
+    previous = {signum: signal.signal(signum, _handle) for signum in STOP_SIGNALS}
+    if at:
+        _state.at = at
     try:
         yield
     finally:
+        _state.at = where
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if outermost:
-            _state.owner = None
+            _state.owner, _state.signals = None, []
 
 
-@contextmanager
-def deferred() -> Iterator[None]:
-    """Inside the block a stop signal only sets :func:`pending`; the loop calls it at step boundaries."""
-    _state.deferring, _state.pending = True, None
-    try:
-        yield
-    finally:
-        _state.deferring = False
+def check() -> None:
+    """At a safe point: raise :class:`Interrupted` if a stop signal came."""
+    signum = pending()
+    if signum:
+        raise Interrupted(signum)
 
 
 def pending() -> int | None:
-    """The stop signal received inside :func:`deferred`, if any."""
-    return _state.pending
+    """The stop signal received while the handlers are installed, if any (the first, if several)."""
+    return _state.signals[0] if _state.signals and _state.owner == os.getpid() else None
+
+
+@contextmanager
+def passed_on() -> Iterator[Callable[[], list[int]]]:
+    """For a wait on child processes that stop by themselves: inside the block no signal stops this
+    process at once; ``new()`` returns the signals not yet returned (those that came before the block
+    too), for the caller to pass on. After the block, :func:`check` raises if any came."""
+    with stop_signals():
+        was, _state.passing_on = _state.passing_on, True
+        given = 0
+
+        def new() -> list[int]:
+            nonlocal given
+            if _state.owner != os.getpid():  # not the main thread: no handlers of ours, nothing recorded
+                return []
+            arrived = _state.signals[given:]
+            given += len(arrived)
+            return arrived
+
+        try:
+            yield new
+        finally:
+            _state.passing_on = was

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from vesuvius_lab.core import children
+
 #: The most bytes one transfer carries (unless a single batch is larger).
 TRANSFER_BYTES = 4 << 20
 #: The most batches one transfer carries.
@@ -36,8 +38,9 @@ class Batches:
     def __init__(self, stream: IterableDataset, batch_size: int, *, workers: int, per_transfer: int = 1,
                  pin_memory: bool = False):
         self.batch_size, self.per_transfer = batch_size, per_transfer
+        # The workers end with this process, however it ends (see core/children.py).
         self.loader = iter(DataLoader(stream, batch_size=batch_size * per_transfer, num_workers=workers,
-                                      pin_memory=pin_memory))
+                                      pin_memory=pin_memory, worker_init_fn=children.loader_worker_init()))
         self._pending: Iterator[tuple[torch.Tensor, ...]] = iter(())
 
     def __iter__(self) -> "Batches":

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
+from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.data.tiff import read_volume, write_volume
 from vesuvius_lab.core.errors import UserError, absence
@@ -45,8 +46,16 @@ PROBABILITIES_FOLDER = "probabilities"
 
 def predict_files(predictor: RunPredictor, volumes: list[tuple[str, Path]], output: Path, *,
                   probabilities: bool = False) -> Iterator[str]:
-    """Write ``<id>.tif`` masks (and float16 probabilities as ``probabilities/<id>.tif``); yield each id."""
+    """Write ``<id>.tif`` masks (and float16 probabilities as ``probabilities/<id>.tif``); yield each id.
+    A stop signal stops after the volume in progress: every file written is whole."""
+    with interrupts.stop_signals(at="after this volume"):
+        yield from _predict_files(predictor, volumes, output, probabilities)
+
+
+def _predict_files(predictor: RunPredictor, volumes: list[tuple[str, Path]], output: Path,
+                   probabilities: bool) -> Iterator[str]:
     for volume_id, path in volumes:
+        interrupts.check()
         volume = read_volume(path)
         check_window_fits(predictor.spec, volume_id, volume.shape)
         prob = predictor.probabilities(volume)
@@ -58,13 +67,16 @@ def predict_files(predictor: RunPredictor, volumes: list[tuple[str, Path]], outp
 
 
 def write_submission(predictor: RunPredictor, volumes: list[tuple[str, Path]], zip_path: Path) -> Iterator[str]:
-    """The competition's ``submission.zip``: ``<id>.tif`` uint8 masks of each input's shape; yields ids."""
+    """The competition's ``submission.zip``: ``<id>.tif`` uint8 masks of each input's shape; yields ids.
+    A stop signal stops after the volume in progress, and no zip is written (it would lack volumes)."""
     import io
 
     import tifffile
 
-    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with interrupts.stop_signals(at="after this volume, writing no zip"), atomic_path(zip_path) as tmp, \
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for volume_id, path in volumes:
+            interrupts.check()
             volume = read_volume(path)
             check_window_fits(predictor.spec, volume_id, volume.shape)
             mask = predictor.mask(volume)

@@ -20,16 +20,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from vesuvius_lab.core import interrupts
+from vesuvius_lab.core import children, interrupts
 from vesuvius_lab.core.training.cpu_share import FILE_VARIABLE, write_cores
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.console import err
@@ -38,7 +36,7 @@ from vesuvius_lab.core.launch.batch import Job, Outcome, _canonical, _same_spec_
 from vesuvius_lab.core.launch.display import JobBoard
 from vesuvius_lab.core.launch.slots import Lease, Pool, lend_free_cores, machine_pool
 from vesuvius_lab.core.launch.submit import SUBMITIT_LAUNCHERS, SubmititHandle, job_parameters, make_executor
-from vesuvius_lab.core.launch.worker import PARENT_VARIABLE, WARM_FLAG, Ended, Payload, read_result, write_payload
+from vesuvius_lab.core.launch.worker import WARM_FLAG, Ended, Payload, read_result, write_payload
 from vesuvius_lab.core.runs.folder import Run, find_runs
 
 LAUNCHERS = ("local", *SUBMITIT_LAUNCHERS)
@@ -123,7 +121,7 @@ def _worker_process(arguments: list[str], env: dict[str, str], log: Path, *, std
     """``python -m vesuvius_lab.core.launch.worker ARGUMENTS`` in a session of its own, its output to ``log``."""
     with open(log, "ab") as handle:
         return subprocess.Popen([sys.executable, "-m", "vesuvius_lab.core.launch.worker", *arguments],
-                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_VARIABLE: str(os.getpid())},
+                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1", **children.environment()},
                                 stdin=stdin, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -314,17 +312,18 @@ def run_queue(jobs: list[Job], project: Project, launcher, *, force: bool = Fals
         if on_done:
             on_done(outcome)
 
-    with _stop_signals_recorded(stops), JobBoard(jobs) as board:
-        forwarded = 0
+    # A stop signal is passed on to every running job (each saves its run and stops); none starts after it.
+    with interrupts.passed_on() as new_signals, JobBoard(jobs) as board:
         while True:
-            if forwarded < len(stops):
-                if not forwarded:
-                    err.print(f"[yellow]{signal.Signals(stops[0]).name}:[/] every running job saves its run and "
+            arrived = new_signals()
+            if arrived:
+                if not stops:
+                    err.print(f"[yellow]{signal.Signals(arrived[0]).name}:[/] every running job saves its run and "
                               "stops; no more jobs start.", highlight=False)
+                stops += arrived
                 for entry in entries:
                     if entry.state == "running":
-                        entry.handle.stop(stops[-1])
-                forwarded = len(stops)
+                        entry.handle.stop(arrived[-1])
             if not stops:
                 _dispatch(entries, project, launcher, force, end, on_start, board)
             _lend_free_cores(entries, launcher)  # after the queue took what it could
@@ -433,21 +432,6 @@ def _batch_folder(project: Project) -> Path:
     folder = project.runs_dir / ".batches" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-@contextmanager
-def _stop_signals_recorded(stops: list[int]) -> Iterator[None]:
-    """SIGINT and SIGTERM are recorded (the queue passes them on), never raised in the middle of a step."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, lambda signum, _frame: stops.append(signum))
-                for signum in interrupts.STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _tail(path: Path, lines: int = 5) -> str:

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vesuvius_lab.core import interrupts
+from vesuvius_lab.core import children, interrupts
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.files import write_json_atomic
@@ -85,12 +85,10 @@ def _reopened(resume: Path | None):
     return Run(Path(resume)) if resume else None
 
 
-def outcome_of(payload: Payload, *, watch_parent: bool = False) -> tuple[dict, int]:
+def outcome_of(payload: Payload) -> tuple[dict, int]:
     """:func:`execute`, every way it can end turned into (outcome, exit status)."""
     try:
         with interrupts.stop_signals():
-            if watch_parent:
-                _stop_with_parent()
             return execute(payload), 0
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", 2)
@@ -145,10 +143,18 @@ def _run_torchrun(payload: Payload) -> dict:
     command = torchrun_command(os.environ, payload.torchrun["nproc_per_node"], payload.torchrun["port"],
                                job_file, result_file)
     print(" ".join(command), flush=True)
-    process = subprocess.Popen(command, env={**os.environ, **payload.environment})
-    # torchrun passes a stop on to its ranks, which save and stop
-    with _signals({signum: lambda *_: process.send_signal(signal.SIGTERM) for signum in interrupts.STOP_SIGNALS}):
-        code = process.wait()
+    # torchrun ends (SIGTERM: its ranks save and stop) when this process dies, and passes a stop on to its ranks
+    process = subprocess.Popen(command, env={**os.environ, **payload.environment},
+                               preexec_fn=children.preexec(signal.SIGTERM))
+    code = None
+    with interrupts.passed_on() as new_signals:
+        while code is None:
+            if new_signals():
+                process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(timeout=interrupts.POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
     if node != "0":
         return {"status": "trained" if code == 0 else "failed", "run": None, "error": None}
     result = read_result(result_file)
@@ -166,26 +172,6 @@ def read_result(path: Path) -> dict | None:
     return result if isinstance(result, dict) and isinstance(result.get("status"), str) else None
 
 
-#: Set by the local launcher: the job stops (as on SIGTERM: saved, resumable) when that process dies.
-PARENT_VARIABLE = "VLAB_BATCH_PID"
-
-
-def _stop_with_parent() -> None:
-    """Linux: ask for SIGTERM when ``vlab run`` dies (killed, its terminal closed), so that no job runs on
-    unwatched; it saves its run, ends interrupted, and the next ``vlab run`` resumes it."""
-    parent = os.environ.get(PARENT_VARIABLE, "")
-    if not parent.isdigit() or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 #: ``worker --warm``: load what every job needs, then wait for a job's files on stdin.
 WARM_FLAG = "--warm"
 #: What every training job imports (MONAI, for the augmentation, alone takes seconds).
@@ -196,7 +182,6 @@ def warm_up() -> list[str] | None:
     """A warm worker: import torch, MONAI and the trainer now (seconds that ``vlab run`` spends
     planning meanwhile), then wait for one line ``PAYLOAD<TAB>RESULT`` on stdin; None when stdin
     closes first (no job came for this worker)."""
-    _stop_with_parent()
     for module in WARM_MODULES:
         importlib.import_module(module)
 
@@ -206,14 +191,17 @@ def warm_up() -> list[str] | None:
 
 def main(argv: list[str]) -> int:
     """``worker PAYLOAD RESULT`` (or ``worker --warm``, which reads them from stdin): run the job, write
-    its outcome to RESULT, exit with its status."""
+    its outcome to RESULT, exit with its status. When the process that started it dies (``vlab run``
+    killed, its terminal closed) the job gets SIGTERM: it saves its run and ends interrupted, resumed by
+    the next ``vlab run`` (killed if it has not ended within :data:`children.GRACE_S`)."""
+    children.adopt_from_environment(signum=signal.SIGTERM)
     _quiet()
     if argv[:1] == [WARM_FLAG]:
         argv = warm_up()
         if argv is None:
             return 0
     payload_file, result_file = Path(argv[0]), Path(argv[1])
-    outcome, code = outcome_of(read_payload(payload_file), watch_parent=True)
+    outcome, code = outcome_of(read_payload(payload_file))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         write_json_atomic(result_file, outcome)
     return code

@@ -7,17 +7,16 @@ collective has a timeout, so nobody waits forever.
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
 import socket
-import threading
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from vesuvius_lab.core import interrupts
+from vesuvius_lab.core import children, interrupts
 
 #: How long a collective may wait for a missing rank before the others give up.
 COLLECTIVE_TIMEOUT = timedelta(minutes=int(os.environ.get("VLAB_DDP_TIMEOUT_MIN", "10")))
@@ -116,29 +115,37 @@ class RankFailed(RuntimeError):
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any) -> None:
     """Run ``fn(rank, nproc, port, *args)`` in ``nproc`` processes; one failing stops them all.
 
-    SIGINT and SIGTERM sent to this process are passed on to the ranks, which stop together at a step
-    boundary and exit with 128 + the signal; this process then raises :class:`interrupts.Interrupted`.
+    The ranks end with this process (:mod:`vesuvius_lab.core.children`). SIGINT and SIGTERM sent to this
+    process are passed on to the ranks, which stop together at a step boundary and exit with 128 + the
+    signal; this process then raises :class:`interrupts.Interrupted`.
     """
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(fn, args=(nproc, free_port(), *args), nprocs=nproc, join=False,
+    rank_main = children.adopted(functools.partial(_recording_stops, fn))
+    context = mp.start_processes(rank_main, args=(nproc, free_port(), *args), nprocs=nproc, join=False,
                                  start_method="spawn")
+    with interrupts.passed_on() as new_signals:
+        try:
+            while not context.join(timeout=interrupts.POLL_S):
+                for signum in new_signals():
+                    _signal_ranks(context, signum)
+        except mp.ProcessExitedException as exc:
+            code = exc.exit_code or 0
+            if code - 128 in interrupts.STOP_SIGNALS:
+                raise interrupts.Interrupted(code - 128) from None
+            if -code in interrupts.STOP_SIGNALS and interrupts.pending():  # the signal came before it listened
+                raise interrupts.Interrupted(-code) from None
+            raise RankFailed(f"rank {exc.error_index} exited with status {exc.exit_code}; the other ranks were "
+                             "stopped", exc.exit_code) from exc
 
-    def forward(signum: int, _frame) -> None:
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, signum)
 
-    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
-    previous = {signum: signal.signal(signum, forward) for signum in interrupts.STOP_SIGNALS} if in_main_thread else {}
-    try:
-        while not context.join():
-            pass
-    except mp.ProcessExitedException as exc:
-        if exc.exit_code in {128 + s for s in interrupts.STOP_SIGNALS}:
-            raise interrupts.Interrupted(exc.exit_code - 128) from None
-        raise RankFailed(f"rank {exc.error_index} exited with status {exc.exit_code}; the other ranks were "
-                         "stopped", exc.exit_code) from exc
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def _recording_stops(fn: Callable[..., Any], *args: Any) -> Any:
+    """A rank: stop signals are recorded from its first line (the trainer checks them at step boundaries)."""
+    with interrupts.stop_signals():
+        return fn(*args)
+
+
+def _signal_ranks(context, signum: int) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            os.kill(process.pid, signum)

@@ -35,7 +35,7 @@ from vesuvius_lab.core.runs.summary import write_summary
 from vesuvius_lab.core.training.validation import ValidationResult, validate
 
 
-@interrupts.stop_signals()
+@interrupts.stop_signals(at="after this volume")
 def build_ensemble(loaded: LoadedExperiment, project: Project, *, device: str = "cpu") -> Run:
     """Resolve the members, predict what the cache lacks, combine, score, record; return the run."""
     spec = _resolved(loaded, project)
@@ -116,6 +116,7 @@ def _predict_missing(predictor: EnsemblePredictor, images: dict, keys: dict[str,
         for path, volume_ids in todo.items():
             cached = predictor.cached[path]
             for volume_id in volume_ids:
+                interrupts.check()  # between volumes: each cached prediction is whole
                 progress.update(task, description=f"{cached.label}: {volume_id}")
                 cached.get(images[volume_id], keys[volume_id], volume_id)
                 progress.advance(task)
@@ -130,6 +131,7 @@ def _score(predictor: EnsemblePredictor, spec: Experiment, dataset: Dataset, ima
 
     def cases():
         for volume_id, image in images.items():
+            interrupts.check()
             probabilities = predictor.probabilities(image, volume_id, keys[volume_id])
             yield volume_id, probabilities, open_volume(dataset.label_path(volume_id), project.cache_dir)
 

@@ -316,7 +316,7 @@ class Trainer:
         # stop (a second Ctrl-C) keeps the last checkpoint saved at such a boundary. Trackers (rank 0)
         # get each epoch's record, and the summary and pictures when the block ends.
         with tracking.tracked(self.spec, self.run.path, self.setup.runs_dir, enabled=self.rank == 0) as trackers:
-            with interrupts.deferred():
+            with interrupts.stop_signals(at="at the end of this training step, saving it first"):
                 for epoch in range(self.start_epoch, spec.epochs):
                     self.run.set_status("running", epoch=epoch + 1) if self.rank == 0 else None
                     record = self._train_epoch(epoch, batches)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from vesuvius_lab.core import children
 from vesuvius_lab.core.data.tiff import read_volume
 from vesuvius_lab.core.inference.postprocess import build_chain
 from vesuvius_lab.core.metric.prepared import PreparedLabel, warm_up
@@ -48,7 +49,9 @@ class CaseScorer:
         warm_up()  # compile the metric's kernels once (numba caches them on disk for the workers)
         count = max(1, min(workers, len(cases)))
         context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch threads
-        self.pools = [ProcessPoolExecutor(1, mp_context=context) for _ in range(count)] if count > 1 else []
+        # Its workers end with this process and leave Ctrl-C to it: a trial is never cut in a worker.
+        self.pools = [ProcessPoolExecutor(1, mp_context=context, **children.pool_options())
+                      for _ in range(count)] if count > 1 else []
         self.owner = {case.id: index % max(count, 1) for index, case in enumerate(cases)}
 
     def score(self, chain: ChainSpec, ids: list[str]) -> dict[str, VolumeScore]:
@@ -57,14 +60,19 @@ class CaseScorer:
             return {i: score_case(self.cases[i], chain, self.ignore_label, self.runs_dir) for i in ids}
         futures = {i: self.pools[self.owner[i]].submit(score_case, self.cases[i], chain, self.ignore_label,
                                                        self.runs_dir) for i in ids}
+        # No stop is taken inside a trial (it would be lost); the tuner checks for one between trials.
         return {i: future.result() for i, future in futures.items()}
 
-    def close(self) -> None:
+    def close(self, *, at_once: bool = False) -> None:
+        """Shut the workers down; ``at_once`` (after a stop or an error): without waiting for their work."""
         for pool in self.pools:
-            pool.shutdown(cancel_futures=True)
+            if at_once:
+                children.end_pool(pool)
+            else:
+                pool.shutdown(cancel_futures=True)
 
     def __enter__(self) -> "CaseScorer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(at_once=kind is not None)

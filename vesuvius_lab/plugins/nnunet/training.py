@@ -227,6 +227,7 @@ class _epoch_progress:
         def on_epoch_end() -> None:
             originals[3]()  # counts the epoch: current_epoch is now the number of epochs done
             self.log(epoch_line(trainer, started[1]))
+            _stop_if_asked(trainer)
 
         # Instance attributes: only this trainer is affected.
         trainer.on_train_epoch_start, trainer.on_train_epoch_end = on_train_epoch_start, on_train_epoch_end
@@ -236,6 +237,21 @@ class _epoch_progress:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+def _stop_if_asked(trainer: Any) -> None:
+    """The end of an epoch is where a stop signal is taken (core/interrupts.py): save the epoch as nnU-Net's
+    latest checkpoint (nnU-Net itself saves one every 50 epochs), so that the resume continues from it."""
+    from vesuvius_lab.core import interrupts
+
+    if not interrupts.pending():
+        return
+    trainer.current_epoch -= 1  # save_checkpoint records current_epoch + 1, as when nnU-Net's on_epoch_end calls it
+    try:
+        trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_latest.pth"))
+    finally:
+        trainer.current_epoch += 1
+    interrupts.check()
 
 
 def _console_line(message: str) -> None:
@@ -262,11 +278,12 @@ def _train_ddp(setup: TrainingSetup, nproc: int, log: Callable[[str], None]) -> 
         raise UserError(f"[train] nproc = {nproc}, but only {available} CUDA GPU(s) are visible. Lower nproc or "
                         "make more GPUs visible (CUDA_VISIBLE_DEVICES).")
     log(f"nnU-Net: DDP training on {nproc} GPUs (its output comes from the worker processes)")
+    from vesuvius_lab.core import children
     from vesuvius_lab.plugins.nnunet.environment import scoped_environ
 
     with setup.environ(), scoped_environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT")
                                          or _free_port()):
-        mp.spawn(_ddp_worker, args=(nproc, setup), nprocs=nproc, join=True)
+        mp.spawn(children.adopted(_ddp_worker), args=(nproc, setup), nprocs=nproc, join=True)  # they end with us
     return results_folder(setup)
 
 
