@@ -12,7 +12,8 @@ import pytest
 from vesuvius_lab.cli import main
 from vesuvius_lab.core.config.experiment import SpecError, parse_override
 from vesuvius_lab.core.config.project import load_project
-from vesuvius_lab.core.config.sweep import expand, key_labels, name_part, sweep_name, toml_value
+from vesuvius_lab.core.config.checked import expand
+from vesuvius_lab.core.config.sweep import key_labels, name_part, sweep_name, toml_value
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.launch.batch import finished_run, parse_folds, plan
 from vesuvius_lab.core.reports.leaderboard import build_leaderboard

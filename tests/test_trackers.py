@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,138 @@ def test_listing_trackers_imports_neither_tensorboard_nor_mlflow(tmp_path):
             "print(sorted(m for m in ('torch', 'tensorboard', 'mlflow') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+# --------------------------------------------------------------------------- what the user gives each library
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("foo://bar", 'unknown kind of tracking URI "foo:"'),
+    ("/tmp/mlruns-folder", "MLFLOW_ALLOW_FILE_STORE"),
+    ("file:///tmp/mlruns-folder", "MLFLOW_ALLOW_FILE_STORE"),
+    ("http://:5000", "no host in the URL"),
+])
+def test_a_bad_tracking_uri_is_refused_by_validate_and_train_with_its_line(tmp_path, uri, words, clean_mlflow_env,
+                                                                           capsys):
+    from vesuvius_lab.cli import main
+
+    (tmp_path / "vesuvius.toml").write_text(f'data_root = "{tmp_path}"\nruns_dir = "runs"\ndevice = "cpu"\n')
+    file = tmp_path / "e.toml"
+    file.write_text(tiny_experiment() + f'\n[[tracker]]\nplugin = "mlflow"\nparams = {{ tracking_uri = "{uri}" }}\n')
+    with pytest.raises(SpecError) as caught:
+        load_experiment(file)
+    (problem,) = caught.value.problems
+    assert problem.path == "tracker.0.params.tracking_uri" and problem.line == 21 and words in problem.message
+    for command in ("validate", "train"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--project", str(tmp_path / "vesuvius.toml"), command, str(file)])
+        assert exit_.value.code == 2
+        stderr = capsys.readouterr().err
+        assert words in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_store_that_is_not_a_database_is_refused_in_vesuvius_toml_and_from_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "notes.db").write_text("my notes, not a database")
+    (tmp_path / "vesuvius.toml").write_text(f'[[tracker]]\nplugin = "mlflow"\n'
+                                            f'params = {{ tracking_uri = "sqlite:///{tmp_path / "notes.db"}" }}\n')
+    with pytest.raises(SpecError) as caught:
+        load_project(tmp_path / "vesuvius.toml")
+    (problem,) = caught.value.problems
+    assert problem.line == 3 and "is not an SQLite database" in problem.message
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://somewhere")
+    (tmp_path / "e.toml").write_text('name = "e"\n[model]\nplugin = "smp_unet25d"\n[[tracker]]\nplugin = "mlflow"\n')
+    with pytest.raises(SpecError) as caught:
+        load_experiment(tmp_path / "e.toml")
+    assert "MLFLOW_TRACKING_URI environment variable" in caught.value.problems[0].message
+    (tmp_path / "off.toml").write_text('name = "e"\n[model]\nplugin = "smp_unet25d"\n[[tracker]]\nplugin = "mlflow"\n'
+                                       'enabled = false\n')
+    load_experiment(tmp_path / "off.toml")  # a tracker turned off is not checked
+
+
+def _tracked_epochs(spec: Experiment, run_dir: Path, runs_dir: Path, epochs: int = 3) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tracking.tracked(spec, run_dir, runs_dir) as trackers:
+        for epoch in range(1, epochs + 1):
+            trackers.log_epoch({"epoch": epoch, "loss": 1.0 / epoch})
+
+
+def _one_warning(stderr: str, name: str) -> str:
+    assert stderr.count(f'tracker "{name}" failed') == 1, stderr
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr and "retried" not in stderr, stderr
+    return " ".join(stderr.split())
+
+
+def test_an_unreachable_server_with_async_logging_is_one_warning(tmp_path, capsys, clean_mlflow_env, monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")  # MLflow would log from its own threads
+    spec = Experiment.model_validate({"name": "x", "model": {"plugin": "smp_unet25d"}, "tracker": [
+        {"plugin": "mlflow", "params": {"tracking_uri": f"http://127.0.0.1:{port}", "retries": 0, "timeout_s": 2}}]})
+    _tracked_epochs(spec, tmp_path / "x" / "fold0-1", tmp_path)
+    text = _one_warning(capsys.readouterr().err, "mlflow")
+    assert f"the tracking server http://127.0.0.1:{port} cannot be reached" in text and "Training goes on" in text
+
+
+def test_a_damaged_local_store_is_one_warning_at_once(tmp_path, capsys, clean_mlflow_env):
+    (tmp_path / ".mlflow").mkdir()
+    (tmp_path / ".mlflow" / "mlflow.db").write_bytes(b"\x00garbage" * 100)
+    spec = Experiment.model_validate({"name": "x", "model": {"plugin": "smp_unet25d"},
+                                      "tracker": [{"plugin": "mlflow"}]})
+    _tracked_epochs(spec, tmp_path / "x" / "fold0-1", tmp_path)
+    text = _one_warning(capsys.readouterr().err, "mlflow")
+    assert "mlflow.db is not an SQLite database" in text
+
+
+def test_a_log_folder_that_cannot_be_written_is_one_warning(tmp_path, capsys):
+    run_dir = tmp_path / "x" / "fold0-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "events").write_text("a file where the log folder should be")
+    spec = Experiment.model_validate({"name": "x", "model": {"plugin": "smp_unet25d"},
+                                      "tracker": [{"plugin": "tensorboard", "params": {"folder": "events/tb"}}]})
+    _tracked_epochs(spec, run_dir, tmp_path)
+    text = _one_warning(capsys.readouterr().err, "tensorboard")
+    assert "its event files cannot be written" in text and "events" in text
+
+
+class ThreadWriter:
+    """A tracker whose writes happen in a background thread that fails, as a library's writer thread may."""
+
+    def __init__(self):
+        self.threads = []
+
+    def start(self, run_dir, params):
+        pass
+
+    def log_metrics(self, metrics, step):
+        def write():
+            raise OSError(28, "No space left on device")
+
+        thread = threading.Thread(target=write, name=f"writer-{step}")
+        thread.start()
+        self.threads.append(thread)
+
+    def log_artifact(self, path):
+        pass
+
+    def finish(self, summary, status):
+        for thread in self.threads:
+            thread.join()
+
+
+def test_exceptions_in_a_trackers_threads_are_one_warning(tmp_path, monkeypatch, capsys):
+    writer, hook = ThreadWriter(), threading.excepthook
+    monkeypatch.setattr(registry, "build", lambda group, name, params, **context: writer)
+    spec = Experiment.model_validate({"name": "x", "model": {"plugin": "smp_unet25d"},
+                                      "tracker": [{"plugin": "threaded"}]})
+    with tracking.tracked(spec, tmp_path, tmp_path) as trackers:
+        trackers.log_epoch({"epoch": 1, "loss": 1.0})
+        writer.threads[0].join()
+        trackers.log_epoch({"epoch": 2, "loss": 0.5})  # dropped: no second thread, no second warning
+    assert len(writer.threads) == 1
+    text = _one_warning(capsys.readouterr().err, "threaded")
+    assert "in its thread writer-1" in text and "No space left on device" in text
+    assert threading.excepthook is hook  # other threads' exceptions are left as they were

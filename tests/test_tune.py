@@ -11,13 +11,14 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from conftest import tiny_experiment
 
 from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.config.spec import Experiment, TuneRange
-from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
+from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs, new_run
 from vesuvius_lab.core.tuning.cases import Case, regroup
 from vesuvius_lab.core.tuning.space import apply_values, current_values
 
@@ -182,3 +183,168 @@ def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):
     kept = {t.number: (t.params, t.value) for t in after}
     assert all(kept[t.number] == (t.params, t.value) for t in before)  # every trial before the kill is kept
     assert effective_state(run) == "finished"
+
+
+# --------------------------------------------------------------------------- checked before anything starts
+
+
+def tune_in_process(args: list[str], project: Path, capsys) -> tuple[int, str]:
+    """`vlab --project PROJECT tune ARGS` in this process: (exit status, stderr)."""
+    from vesuvius_lab.cli import main
+
+    capsys.readouterr()
+    try:
+        main(["--project", str(project), "tune", *args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def tuning_runs(root: Path) -> set[Path]:
+    return {r.path for r in find_runs(root / "runs") if r.experiment == "tiny-tuned"}
+
+
+def own_project(trained: Path, tmp_path: Path) -> Path:
+    """A copy of the trained project (its runs and their probability caches), for tests that damage it."""
+    import shutil
+
+    root = tmp_path / "project"
+    shutil.copytree(trained, root, ignore=shutil.ignore_patterns("*-tuned", "*.tuned.toml"))
+    return root
+
+
+def another_study(path: Path, direction: str = "maximize") -> str:
+    study = optuna.create_study(study_name="tiny-tuned", storage=f"sqlite:///{path}", direction=direction)
+    study.optimize(lambda trial: trial.suggest_float("learning_rate", 0, 1), n_trials=2)
+    return f"sqlite:///{path}"
+
+
+def storage_cases(tmp_path: Path) -> list[tuple[str, str]]:
+    (tmp_path / "notes.txt").write_text("not a database")
+    good = tmp_path / "good.db"
+    optuna.create_study(study_name="other", storage=f"sqlite:///{good}").optimize(
+        lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    data = good.read_bytes()
+    (tmp_path / "truncated.db").write_bytes(data[:len(data) // 2])
+    return [
+        ("not-a-url", "not a database URL"),
+        ("foo://host/db", "unknown kind of database 'foo'"),
+        ("postgresql://me:secret@127.0.0.1:1/db", "the Python driver for this database is not installed"),
+        (f"sqlite:///{tmp_path / 'no' / 'such' / 'folder' / 'x.db'}", "cannot be opened or created"),
+        (f"sqlite:///{tmp_path / 'notes.txt'}", "the study database is damaged (file is not a database)"),
+        (f"sqlite:///{tmp_path / 'truncated.db'}", "the study database is damaged"),
+        (f"sqlite:///file:{good}?mode=ro&uri=true", "the study database is read-only"),
+        (another_study(tmp_path / "foreign.db"), "was not made by vesuvius-lab for this [tune] space"),
+        (another_study(tmp_path / "minimizing.db", "minimize"), "minimizes its objective"),
+    ]
+
+
+def test_a_bad_storage_is_one_message_before_a_tuning_run_exists(trained, tmp_path, capsys):
+    before = tuning_runs(trained)
+    for storage, words in storage_cases(tmp_path):
+        code, stderr = tune_in_process([str(trained / "tiny.toml"), "--trials", "2", "--workers", "1",
+                                        "--storage", storage], trained / "vesuvius.toml", capsys)
+        text = " ".join(stderr.split())
+        assert code == 2 and words in text and "Traceback" not in stderr, (storage, stderr)
+        assert text.count("error:") == 1 and "secret" not in text
+        assert tuning_runs(trained) == before, storage  # no run folder: nothing new on the leaderboard
+
+
+def test_a_study_of_another_tuning_in_a_shared_storage_is_refused(trained, tmp_path, capsys):
+    project, file = trained / "vesuvius.toml", trained / "shared.toml"
+    file.write_text((trained / "tiny.toml").read_text().replace("low = 0.05", "low = 0.08"))
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    code, stderr = tune_in_process([str(file), "--trials", "2", "--workers", "1", "--storage", storage], project,
+                                   capsys)
+    assert code == 0, stderr
+    before = tuning_runs(trained)
+    file.write_text(file.read_text().replace("low = 0.08", "low = 0.09"))  # another space, the same study name
+    code, stderr = tune_in_process([str(file), "--trials", "2", "--workers", "1", "--storage", storage], project,
+                                   capsys)
+    assert code == 2 and "was made by a tuning with another space" in " ".join(stderr.split())
+    assert tuning_runs(trained) == before
+
+
+def test_a_damaged_source_run_is_refused_once_before_a_tuning_run_exists(trained, tmp_path, capsys):
+    root = own_project(trained, tmp_path)
+    fold0 = sorted(r for r in find_runs(root / "runs") if r.experiment == "tiny")[0]
+    (fold0.checkpoints / "best.pt").write_bytes(b"damaged")
+    code, stderr = tune_in_process([str(root / "tiny.toml"), "--trials", "2", "--workers", "1"],
+                                   root / "vesuvius.toml", capsys)
+    text = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stderr
+    assert text.count("best.pt: not a readable vesuvius-lab checkpoint") == 1 and "--checkpoint last" in text
+    assert not tuning_runs(root)
+
+
+def test_a_damaged_study_is_rebuilt_from_the_recorded_trials(trained, tmp_path, capsys):
+    root = own_project(trained, tmp_path)
+    project, file = root / "vesuvius.toml", root / "tiny.toml"
+    code, stderr = tune_in_process([str(file), "--trials", "3", "--workers", "1"], project, capsys)
+    assert code == 0, stderr
+    (run,) = [Run(path) for path in tuning_runs(root)]
+    first = {t.number: (t.params, t.value) for t in study_trials(run.path / "study.db", "tiny-tuned")}
+    assert len(first) == 3 and len(run.read("trials.json")["cross_validation"]) == 2
+    run.set_status("interrupted", signal="SIGINT")  # stopped: the next `vlab tune` continues it
+    data = (run.path / "study.db").read_bytes()
+    (run.path / "study.db").write_bytes(data[:len(data) // 2])
+    code, stderr = tune_in_process([str(file), "--trials", "5", "--workers", "1"], project, capsys)
+    text = " ".join(stderr.split())
+    assert code == 0, stderr
+    assert "was damaged (database disk image is malformed): rebuilt it from the 9 trial(s) recorded" in text
+    after = {t.number: (t.params, t.value) for t in study_trials(run.path / "study.db", "tiny-tuned")}
+    assert len(after) == 5 and all(after[n] == first[n] for n in first)  # the recorded trials kept
+    assert (run.path / "study.db.damaged").is_file() and tuning_runs(root) == {run.path}
+    assert effective_state(run) == "finished" and not {"error", "signal"} & set(run.read("status.json"))
+
+    # damaged again, with no trial recorded: the message says how to start over, and --force does
+    run.set_status("interrupted", signal="SIGINT")
+    (run.path / "study.db").write_text("not a database any more")
+    (run.path / "trials.json").unlink()
+    code, stderr = tune_in_process([str(file), "--trials", "3", "--workers", "1"], project, capsys)
+    text = " ".join(stderr.split())
+    assert code == 2 and "records no trial to rebuild it from" in text and f"vlab tune {file} --force" in text
+    assert tuning_runs(root) == {run.path}
+    code, stderr = tune_in_process([str(file), "--trials", "2", "--workers", "1", "--force"], project, capsys)
+    assert code == 0, stderr
+    assert len(tuning_runs(root)) == 2
+
+
+@pytest.mark.parametrize("record", ["tuning.json", "status.json"])
+def test_a_killed_tuning_run_with_damaged_records_is_not_replaced_unasked(trained, tmp_path, capsys, record):
+    from vesuvius_lab.core.config.checked import read_experiment
+    from vesuvius_lab.core.config.project import load_project
+    from vesuvius_lab.core.tuning.cases import source_runs
+    from vesuvius_lab.core.tuning.tuner import _space_record
+
+    root = own_project(trained, tmp_path)
+    project = load_project(root / "vesuvius.toml")
+    spec = project.resolve(read_experiment(root / "tiny.toml").spec)
+    run = new_run(root / "runs", "tiny-tuned", 0)  # a killed tuning of this very space and these runs
+    run.write("spec.json", {"name": "tiny-tuned"})
+    run.write("tuning.json", {"space": _space_record(spec.tune),
+                              "sources": [str(r.path) for r in source_runs(spec, project.runs_dir)]})
+    run.set_status("interrupted", signal="SIGINT")
+    (run.path / record).write_text('{"damaged": ')
+    code, stderr = tune_in_process([str(root / "tiny.toml"), "--trials", "2", "--workers", "1"],
+                                   root / "vesuvius.toml", capsys)
+    text = " ".join(stderr.split())
+    assert code == 2 and f"{run.path / record}: damaged" in text and "--force" in text
+    assert tuning_runs(root) == {run.path}
+
+
+def test_a_tuned_run_predicts_blocks_as_the_mean_of_its_source_runs(tuned, synth_data):
+    """Block-wise prediction of a large volume with a tuned run: its source runs' blocks, averaged."""
+    from vesuvius_lab.core.data.tiff import read_volume
+    from vesuvius_lab.core.inference.blocks import ArrayReader, BlockPlan, Box
+    from vesuvius_lab.core.inference.run_kinds import load_run
+
+    predictor = load_run(tuned.path)
+    assert predictor.kind == "tuned" and predictor.blocks is not None
+    volume = read_volume(sorted((synth_data / "test_images").glob("*.tif"))[0])
+    whole = predictor.probabilities(volume)
+    blocks = np.full(volume.shape, np.nan, np.float32)
+    for block in BlockPlan(volume.shape, Box.of_shape(volume.shape), (16, 24, 32)).blocks():
+        blocks[block.core.slices] = predictor.blocks(ArrayReader(volume), block.core)
+    assert np.abs(blocks - whole).max() <= 1e-5

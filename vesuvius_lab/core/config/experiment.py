@@ -15,7 +15,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydantic import BaseModel, ValidationError
 
@@ -213,19 +213,45 @@ def _replaced(child: dict, path: tuple) -> bool:
     return True
 
 
-def _merge(parent: _Source, child: _Source) -> _Source:
-    """Deep merge: tables merge key by key; any other value (lists included) replaces the parent's."""
+def _switched_plugins(parent: dict, child: dict, prefix: tuple = ()) -> set[tuple]:
+    """Key paths of the tables that name a plugin in both documents, but another one in ``child``.
 
-    def merge(a: dict, b: dict) -> dict:
+    A plugin's ``params`` belong to that plugin: a child that switches ``model.plugin`` (or any other
+    table's plugin) replaces the parent's table whole, so the old plugin's params are not inherited.
+    """
+    switched = set()
+    for key, value in child.items():
+        other = parent.get(key)
+        if not (isinstance(value, dict) and isinstance(other, dict)):
+            continue
+        if "plugin" in value and "plugin" in other and value["plugin"] != other["plugin"]:
+            switched.add(prefix + (key,))
+        else:
+            switched |= _switched_plugins(other, value, prefix + (key,))
+    return switched
+
+
+def _merge(parent: _Source, child: _Source) -> _Source:
+    """Deep merge: tables merge key by key; any other value (lists included) replaces the parent's, and so
+    does a table that names another plugin than the parent's (see :func:`_switched_plugins`)."""
+    switched = _switched_plugins(parent.data, child.data)
+
+    def merge(a: dict, b: dict, path: tuple) -> dict:
         out = copy.deepcopy(a)
         for key, value in b.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-                else copy.deepcopy(value)
+            inner = path + (key,)
+            if isinstance(value, dict) and isinstance(out.get(key), dict) and inner not in switched:
+                out[key] = merge(out[key], value, inner)
+            else:
+                out[key] = copy.deepcopy(value)
         return out
 
-    origin = {p: o for p, o in parent.origin.items() if not p or not _replaced(child.data, p)}
+    def kept(path: tuple) -> bool:
+        return not path or not (_replaced(child.data, path) or any(path[:len(s)] == s for s in switched))
+
+    origin = {p: o for p, o in parent.origin.items() if kept(p)}
     origin.update({p: o for p, o in child.origin.items() if p})
-    return _Source(merge(parent.data, child.data), origin)
+    return _Source(merge(parent.data, child.data, ()), origin)
 
 
 def _load_source(path: Path, problems: list[Problem], chain: tuple[Path, ...] = (),
@@ -368,8 +394,26 @@ def _tracker_refs(data: dict) -> Iterator[tuple[tuple, str, Any]]:
 
 
 def tracker_problems(source: _Source) -> list[Problem]:
-    """Unknown trackers and bad tracker params of a document: how vesuvius.toml's are checked."""
-    return _plugin_problems(source.data, source, _tracker_refs(source.data))
+    """Unknown trackers, bad tracker params and what the trackers' own checks find (a tracking URI of an
+    unknown kind, say) in a document: how vesuvius.toml's are checked."""
+    problems = _plugin_problems(source.data, source, _tracker_refs(source.data))
+    if problems:
+        return problems
+    for path, group, table in _tracker_refs(source.data):
+        if not isinstance(table, dict) or table.get("enabled") is False:
+            continue
+        plugin = registry.load(group, table["plugin"])
+        if plugin.check is not None:
+            params = plugin.Params.model_validate(table.get("params", {}))
+            problems.extend(_blamed(source, path, key, message) for key, message in plugin.check(params, None))
+    return problems
+
+
+def _blamed(source: _Source, path: tuple, key: str, message: str) -> Problem:
+    """A plugin check's problem at ``key`` (relative to the plugin's params) of the table at ``path``."""
+    full = path + ("params",) + tuple(k for k in key.split(".") if k)
+    file, line = source.where(full)
+    return Problem(file, line, ".".join(map(str, full)), message)
 
 
 def _plugin_problems(data: dict, source: _Source,
@@ -400,32 +444,33 @@ def _check_problems(spec: Experiment, source: _Source) -> list[Problem]:
     problems = []
     for path, group, table in _plugin_refs(spec.model_dump()):
         plugin = registry.load(group, table["plugin"])
-        if plugin.check is None:
+        if plugin.check is None or table.get("enabled") is False:  # a tracker turned off is not used
             continue
         params = plugin.Params.model_validate(table.get("params", {}))
-        for key, message in plugin.check(params, spec):
-            full = path + ("params",) + tuple(k for k in key.split(".") if k)
-            file, line = source.where(full)
-            problems.append(Problem(file, line, ".".join(map(str, full)), message))
+        problems.extend(_blamed(source, path, key, message) for key, message in plugin.check(params, spec))
     return problems
 
 
-def load_experiment(path: str | Path, overrides: list[str] = ()) -> LoadedExperiment:
-    """Load, merge, override and validate one experiment file; raise :class:`SpecError` on problems."""
-    path = Path(path)
-    problems: list[Problem] = []
-    source, files = _load_source(path, problems)
-    if source is None:
-        raise SpecError(problems)
+def _apply_overrides(source: _Source, overrides: Iterable[str], problems: list[Problem],
+                     prefix: tuple[str, ...] = ()) -> None:
+    """Apply ``--set KEY=VALUE`` texts to ``source`` (``prefix`` goes in front of each key), blaming what
+    they change on the command line."""
     for text in overrides:
         try:
             keys, value = parse_override(text)
+            if prefix and keys[:len(prefix)] != prefix:
+                keys = prefix + keys
             changed = _set_key(source.data, keys, value, text)
         except OverrideError as exc:
             problems.append(exc.problem)
             continue
         source.origin = {p: o for p, o in source.origin.items() if p[:len(changed)] != changed}
         source.origin[changed] = (f"{COMMAND_LINE} {text}", None)
+
+
+def _validated(source: _Source, problems: list[Problem]) -> Experiment:
+    """The spec of a merged, overridden document after every check of a single document; raise
+    :class:`SpecError` listing every problem (with those already found)."""
     problems.extend(non_finite_problems(source))
     spec = None
     try:
@@ -437,4 +482,33 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> LoadedExperi
         problems.extend(_check_problems(spec, source))
     if problems:
         raise SpecError(problems)
-    return LoadedExperiment(spec, path.resolve(), files)
+    return spec
+
+
+def load_experiment(path: str | Path, overrides: Iterable[str] = ()) -> LoadedExperiment:
+    """Load, merge, override and validate one experiment document; raise :class:`SpecError` on problems.
+
+    This checks one document only. Commands read experiment files through
+    :func:`vesuvius_lab.core.config.checked.read_experiment`, which also checks every ``[sweep]``
+    combination and the ``[tune]`` space, exactly as ``vlab validate`` does.
+    """
+    path = Path(path)
+    problems: list[Problem] = []
+    source, files = _load_source(path, problems)
+    if source is None or problems:
+        # A file (or a parent) that cannot be read or parsed is reported once: validating what is left
+        # of the merge would add one error per key that the missing file would have set.
+        raise SpecError(problems)
+    _apply_overrides(source, overrides, problems)
+    return LoadedExperiment(_validated(source, problems), path.resolve(), files)
+
+
+def load_record(record: Path, data: dict, overrides: Iterable[str] = (),
+                prefix: tuple[str, ...] = ()) -> Experiment:
+    """A recorded spec (a run's ``spec.json``, read as ``data``) with ``--set`` overrides applied and
+    checked exactly as an experiment file's are; problems of the record itself are blamed on ``record``.
+    ``prefix`` is put in front of override keys that lack it (``overlap=0.25`` for ``inference.overlap``)."""
+    problems: list[Problem] = []
+    source = _Source(copy.deepcopy(data), {(): (str(record), None)})
+    _apply_overrides(source, overrides, problems, prefix)
+    return _validated(source, problems)

@@ -12,7 +12,9 @@ expands into four experiments named ``unet25d-encoder_resnet18-lr_0.001`` and so
 combination is applied as command-line overrides (``--set model.params.encoder="resnet18"``)
 through :func:`~vesuvius_lab.core.config.experiment.load_experiment`, after the user's own ``--set``,
 so every expanded spec is validated exactly as a hand-written file would be. A problem found in
-an expansion is reported at the sweep key's line, with the value that caused it.
+an expansion is reported at the sweep key's line, with the value that caused it. Commands never
+call these helpers themselves: :mod:`vesuvius_lab.core.config.checked` applies them to every file
+a command reads.
 """
 
 from __future__ import annotations
@@ -99,23 +101,17 @@ def combinations(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[key] for key in keys))]
 
 
-def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[LoadedExperiment]:
-    """The experiments of one file: itself, or one per combination of its ``[sweep]``.
-
-    Raises :class:`SpecError` listing every problem of the file and of every combination.
-    """
-    overrides = list(overrides)
-    base = load_experiment(path, overrides)
+def sweep_expansions(base: LoadedExperiment, path: str | Path,
+                     overrides: list[str]) -> tuple[list[LoadedExperiment], list[Problem]]:
+    """One experiment per combination of ``base``'s ``[sweep]`` (none without one), each validated as a
+    hand-written file would be, and every problem found, blamed on the sweep key that caused it."""
     sweep = base.spec.sweep
     if not sweep:
-        problems = tune_problems(base, path, overrides)
-        if problems:
-            raise SpecError(problems)
-        return [base]
+        return [], []
     grid = combinations(sweep)
     if len(grid) > MAX_COMBINATIONS:
-        raise UserError(f"{base.file}: the [sweep] has {len(grid)} combinations (more than "
-                        f"{MAX_COMBINATIONS}). Sweep fewer keys or values, or split the file.")
+        return [], [_problem_at_sweep(base, None, f"the [sweep] has {len(grid)} combinations (more than "
+                                      f"{MAX_COMBINATIONS}). Sweep fewer keys or values, or split the file.")]
     problems: list[Problem] = []
     by_key: dict[tuple[str, str, str], list[str]] = {}  # (key, path, message) -> the values that caused it
     expanded: list[LoadedExperiment] = []
@@ -139,16 +135,13 @@ def expand(path: str | Path, overrides: Iterable[str] = ()) -> list[LoadedExperi
             problems.append(_problem_at_sweep(base, None, f"{_show(values)}: {exc}"))
             continue
         expanded.append(loaded)
-    for (key, path, message), causes in by_key.items():
+    for (key, path_, message), causes in by_key.items():
         causes = list(dict.fromkeys(causes))
         every_value = len(causes) == len({toml_value(v) for v in sweep[key]}) > 1
         for cause in [None] if every_value else causes:  # a problem of the key itself: say it once
             problems.append(dataclasses.replace(_problem_at_sweep(base, key, message if cause is None else
-                                                                  f"{key} = {clip(cause)}: {message}"), path=path))
-    problems.extend(tune_problems(base, path, overrides))
-    if problems:
-        raise SpecError(list(dict.fromkeys(problems)))
-    return expanded
+                                                                  f"{key} = {clip(cause)}: {message}"), path=path_))
+    return expanded, problems
 
 
 #: What `vlab tune` may change: it re-runs the post-processing on cached probabilities, no network.
@@ -183,19 +176,6 @@ def tune_problems(base: LoadedExperiment, path: str | Path, overrides: Iterable[
                 problems.extend(_problem_at_sweep(base, key, f"{key} = {clip(toml_value(v))}: {message}",
                                                   table="tune") for v in values)
     return problems
-
-
-def expand_files(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> tuple[list[LoadedExperiment], list[Problem]]:
-    """Expand several files, collecting every problem of every file (for ``vlab validate`` and ``vlab run``)."""
-    loaded, problems = [], []
-    for path in paths:
-        try:
-            loaded.extend(expand(path, overrides))
-        except SpecError as exc:
-            problems.extend(exc.problems)
-        except UserError as exc:
-            problems.append(Problem(str(path), None, "sweep", str(exc)))
-    return loaded, problems
 
 
 def _show(values: dict[str, Any]) -> str:

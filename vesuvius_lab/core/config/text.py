@@ -53,10 +53,46 @@ def read_text(path: str | Path) -> str:
 
 
 def _not_utf8(path: Path, data: bytes, offset: int, reason: str) -> TextFileError:
-    utf16 = " (it is UTF-16)" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else ""
-    return TextFileError(path, f"not UTF-8 text{utf16}: byte {offset} (0x{data[offset]:02x}): {reason}. Save it as "
-                               "UTF-8 (in your editor, or e.g. `iconv -f latin1 -t utf-8`) and run again.",
-                         data.count(b"\n", 0, offset) + 1)
+    """The message for bytes that are not UTF-8: where, and what the file most likely is instead."""
+    encoding = detected_encoding(data)
+    if encoding is None:
+        what = "it does not look like text in any encoding (a binary file?). Save it as UTF-8 text"
+    else:
+        name = _iconv_name(encoding)
+        what = (f"it looks like {name} (guessed from its bytes). Save it as UTF-8 in your editor, or convert it "
+                f"with `iconv -f {name} -t UTF-8 {path} > {path.name}.utf8` and use that file (check the "
+                "converted text: a guess from a few bytes can be wrong)")
+    return TextFileError(path, f"not UTF-8 text: byte {offset} (0x{data[offset]:02x}): {reason}; {what}, then run "
+                               "again.", data.count(b"\n", 0, offset) + 1)
+
+
+def detected_encoding(data: bytes) -> str | None:
+    """The encoding ``data`` most likely is in (a Python codec name), or None when it does not look like
+    text: a byte-order mark says it for sure, else charset_normalizer guesses from the bytes."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf_16"
+    try:
+        from charset_normalizer import from_bytes
+    except ImportError:  # not installed: say nothing rather than guess
+        return None
+    best = from_bytes(data[:MAX_SNIFF]).best()
+    return best.encoding if best is not None and best.encoding not in ("utf_8", "ascii") else None
+
+
+#: Bytes of a file the encoding is guessed from: enough for any experiment file, quick on a large one.
+MAX_SNIFF = 256 * 1024
+#: iconv's names where they are not Python's in capitals with hyphens.
+_ICONV = {"latin_1": "ISO-8859-1", "utf_16": "UTF-16", "utf_16_le": "UTF-16LE", "utf_16_be": "UTF-16BE",
+          "utf_32": "UTF-32", "utf_32_le": "UTF-32LE", "utf_32_be": "UTF-32BE", "shift_jis_2004": "SHIFT_JISX0213",
+          "mac_roman": "MACINTOSH", "kz1048": "KZ-1048"}
+
+
+def _iconv_name(encoding: str) -> str:
+    try:
+        encoding = codecs.lookup(encoding).name.replace("-", "_")
+    except LookupError:
+        pass
+    return _ICONV.get(encoding) or encoding.upper().replace("_", "-")
 
 
 def clip(text: str, limit: int = ECHO_LIMIT) -> str:

@@ -1,11 +1,17 @@
-"""Reading and writing the competition's multi-page TIFF volumes (uint8, usually LZW-compressed)."""
+"""Reading and writing the competition's multi-page TIFF volumes (uint8, usually LZW-compressed).
+
+:func:`check_headers` is the one cheap check of many input files before a command writes anything
+(``vlab predict``, ``vlab submit``, ``vlab postprocess``): each file's header, its pages and their
+data extents, its shape and its type are read without decoding a voxel, and every problem of every
+file is reported at once.
+"""
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -79,6 +85,66 @@ def read_volume(path: Path) -> np.ndarray:
     if problems:
         raise VolumeError(" ".join(problems))
     return volume
+
+
+def read_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a TIFF from its headers, without decoding voxels; a file that cannot be opened,
+    is damaged or is truncated (a page, or page data, past its end) raises :class:`VolumeError`."""
+    import tifffile
+
+    path = Path(path)
+    with _tifffile_errors() as logged:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                size = path.stat().st_size
+                pages = list(tif.pages)  # parses every page header: a truncated file loses pages
+                ends = [o + c for page in pages for o, c in zip(page.dataoffsets, page.databytecounts)]
+                series = tif.series[0]
+                shape, dtype = tuple(int(n) for n in series.shape), np.dtype(series.dtype)
+        except FileNotFoundError:
+            raise VolumeError(f"{path}: file {absence(path)}.") from None
+        except OSError as exc:
+            raise VolumeError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
+        except Exception as exc:  # tifffile raises many types for damaged files
+            raise VolumeError(f"{path}: cannot read this TIFF ({type(exc).__name__}: {exc}). The file is corrupt "
+                              "or not a TIFF; copy or write it again.") from None
+    if logged or (ends and max(ends) > size):
+        raise VolumeError(f"{path}: the file is truncated or damaged{f' (tifffile: {logged[0]})' if logged else ''}. "
+                          "Copy or write it again.")
+    return shape, dtype
+
+
+def header_problems(path: Path, dtypes: Iterable[np.dtype] = (np.uint8,)) -> tuple[tuple[int, ...] | None, list[str]]:
+    """(shape, problems) of one input file from its headers: readable, 3D, and of one of ``dtypes``."""
+    try:
+        shape, dtype = read_header(path)
+    except VolumeError as exc:
+        return None, [str(exc)]
+    allowed = [np.dtype(d) for d in dtypes]
+    problems = []
+    if len(shape) != 3:
+        problems.append(f"{path}: expected a 3D volume (D, H, W), found shape {shape}. Save each volume as one "
+                        "multi-page TIFF with one page per slice.")
+    if dtype not in allowed:
+        problems.append(f"{path}: expected {' or '.join(str(d) for d in allowed)} voxels, found {dtype}.")
+    return (shape if not problems else None), problems
+
+
+def check_headers(paths: Iterable[Path], dtypes: Iterable[np.dtype] = (np.uint8,)) -> dict[Path, tuple[int, ...]]:
+    """The shape of every input file, checked from its headers before anything is written; a
+    :class:`VolumeError` lists every problem of every file at once."""
+    paths, dtypes = list(paths), list(dtypes)
+    shapes, problems = {}, []
+    for path in paths:
+        shape, found = header_problems(path, dtypes)
+        problems += found
+        if shape is not None:
+            shapes[Path(path)] = shape
+    if problems:
+        bad = len(paths) - len(shapes)
+        raise VolumeError(f"{bad} of {len(paths)} input file(s) cannot be used, so nothing was written:\n  "
+                          + "\n  ".join(problems))
+    return shapes
 
 
 def write_volume(path: Path, volume: np.ndarray, *, compression: str | None = "lzw") -> None:

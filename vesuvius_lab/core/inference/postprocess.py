@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from vesuvius_lab.core import registry
+from vesuvius_lab.core import interrupts, registry
 from vesuvius_lab.core.config.spec import PluginRef
 from vesuvius_lab.core.data.tiff import read_tiff, write_volume
 from vesuvius_lab.core.errors import UserError
@@ -106,6 +106,8 @@ def build_chain(steps: Iterable[PluginRef | dict[str, Any]], *, threshold: float
 
 
 PREDICTION_SUFFIXES = (".tif", ".tiff")
+#: The voxel types a prediction file may have: probabilities (floats) or a mask (uint8, bool).
+PREDICTION_DTYPES = (np.float16, np.float32, np.float64, np.uint8, np.bool_)
 
 
 def read_prediction(path: Path, *, uint8_probabilities: bool = False) -> np.ndarray:
@@ -153,17 +155,32 @@ def prediction_files(folder: Path) -> list[Path]:
 
 def postprocess_folder(chain: Chain, input_dir: Path, output_dir: Path, *, uint8_probabilities: bool = False,
                        progress: bool = True) -> list[Path]:
-    """Apply ``chain`` to every prediction TIFF of ``input_dir``; write uint8 masks of the same names."""
+    """Apply ``chain`` to every prediction TIFF of ``input_dir``; write uint8 masks of the same names.
+    A stop signal stops after the volume in progress: every mask written is whole."""
     files = prediction_files(input_dir)
     if Path(output_dir).resolve() == Path(input_dir).resolve():
         raise UserError(f"{output_dir}: the output folder is the input folder; the masks would replace the "
                         "predictions. Choose another --output folder.")
     written = []
-    for path in _track(files, "post-processing", progress):
-        target = Path(output_dir) / path.name
-        write_volume(target, chain.apply(read_prediction(path, uint8_probabilities=uint8_probabilities)))
-        written.append(target)
+    with interrupts.stop_signals(at="after this volume"):
+        for path in _track(files, "post-processing", progress):
+            interrupts.check()
+            target = Path(output_dir) / path.name
+            try:
+                prediction = read_prediction(path, uint8_probabilities=uint8_probabilities)
+            except UserError as exc:  # say what was written and what was not
+                raise UserError(f"{exc}\n{partial_work(written, files, path)}") from None
+            write_volume(target, chain.apply(prediction))
+            written.append(target)
     return written
+
+
+def partial_work(written: list[Path], files: list[Path], stopped_at: Path) -> str:
+    """What a command over a folder that stopped at ``stopped_at`` wrote, and what it did not."""
+    left = files[files.index(stopped_at):]
+    done = ", ".join(p.name for p in written) if written else "none"
+    return (f"Stopped at {stopped_at.name}: {len(written)} of {len(files)} mask(s) written ({done}); not written: "
+            f"{', '.join(p.name for p in left)}. Fix or remove that file and run the command again.")
 
 
 def _track(items: list, label: str, enabled: bool):

@@ -18,9 +18,9 @@ from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.config.experiment import LoadedExperiment, Problem
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment
-from vesuvius_lab.core.config.sweep import expand_files
+from vesuvius_lab.core.config.checked import check_files
 from vesuvius_lab.core.errors import UserError
-from vesuvius_lab.core.runs.folder import Run, find_runs
+from vesuvius_lab.core.runs.folder import Run, damaged_run, damaged_run_error, find_runs
 from vesuvius_lab.core.runs.records import read_run
 from vesuvius_lab.core.training.ensemble_run import build_ensemble
 
@@ -64,7 +64,7 @@ def parse_folds(text: str | None) -> list[int] | str | None:
 def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[str] = (),
          folds: list[int] | str | None = None, nproc: int | None = None) -> tuple[list[Job], list[Problem]]:
     """Every (experiment, fold) to run, and every problem of every file (the others still run)."""
-    loaded_all, problems = expand_files(files, overrides)
+    loaded_all, problems = check_files(files, overrides)
     jobs, ensembles = [], []
     for loaded in loaded_all:
         resolved = project.resolve(loaded.spec)
@@ -112,21 +112,27 @@ RESUMABLE_STATES = ("killed", "interrupted")
 
 
 def resumable_run(runs_dir: Path, spec: Experiment) -> Run | None:
-    """The newest killed or interrupted run of this spec that saved ``checkpoints/last.pt``, if any."""
+    """The newest killed or interrupted run of this spec that saved ``checkpoints/last.pt``, if any. A run of
+    the experiment and fold whose records are damaged is refused, never replaced by a new run unasked."""
     for run, state in _same_spec_runs(runs_dir, spec):
         if state in RESUMABLE_STATES and (run.checkpoints / "last.pt").is_file():
             return run
+    damaged = damaged_run(runs_dir, spec.name, spec.data.fold)
+    if damaged is not None:
+        raise damaged_run_error(*damaged, "vlab run FILE")
     return None
 
 
-@interrupts.stop_signals()
+@interrupts.stop_signals(at="at the next safe point of this job; no more jobs start")
 def run_jobs(jobs: list[Job], project: Project, *, force: bool = False,
              on_start: Callable[[int, Job, Run | None], None] | None = None,
              on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Train each job unless a finished identical run exists, resuming a killed or interrupted one
-    (``force`` starts a new run anyway)."""
+    (``force`` starts a new run anyway). A stop signal stops the job in progress at its next safe point,
+    and no job starts after it."""
     outcomes = []
     for position, job in enumerate(jobs):
+        interrupts.check()
         existing = None if force else finished_run(project.runs_dir, job.spec)
         if existing is not None:
             outcome = Outcome(job, "skipped", existing)

@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import logging
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
+from vesuvius_lab.core import children, interrupts
 from vesuvius_lab.core.errors import UserError, absence
 from vesuvius_lab.core.metric.score import IGNORE_LABEL, VolumeScore
 
@@ -64,12 +63,15 @@ def evaluate_pairs(pairs: list[VolumePair], *, workers: int = 1, ignore_label: i
         warm_up()  # compile once here rather than in every worker
         # spawn, not fork: the caller may run threads (a progress bar) that fork would copy mid-lock
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(pairs)), mp_context=context) as pool:
-            futures = [pool.submit(score_pair, pair, ignore_label) for pair in pairs]
-            for future in as_completed(futures):
-                results.append(future.result())
-                if on_volume:
-                    on_volume(results[-1][0])
+        with children.process_pool(min(workers, len(pairs)), context) as pool:  # a stop ends the workers at once
+            waiting = {pool.submit(score_pair, pair, ignore_label) for pair in pairs}
+            while waiting:
+                done, waiting = wait(waiting, timeout=interrupts.POLL_S, return_when=FIRST_COMPLETED)
+                interrupts.check()  # between volumes: a stop asked for while the command waits
+                for future in done:
+                    results.append(future.result())
+                    if on_volume:
+                        on_volume(results[-1][0])
     results.sort(key=lambda item: item[0])
     return Evaluation(scores=[(i, score) for i, score, _ in results if score is not None],
                       problems=[problem for _, _, problem in results if problem is not None])
@@ -139,47 +141,12 @@ def _header_problems(pair: VolumePair) -> list[str]:
 
 
 def _probe(path: Path) -> tuple[tuple[int, ...] | None, str | None]:
-    """(shape, None) of a readable 3D uint8 TIFF, else (None, what is wrong)."""
-    import numpy as np
-    import tifffile
+    """(shape, None) of a readable 3D uint8 TIFF, else (None, what is wrong): the headers only, read by
+    the one cheap check of input files (:func:`vesuvius_lab.core.data.tiff.header_problems`)."""
+    from vesuvius_lab.core.data.tiff import header_problems
 
-    with _tifffile_log() as logged:
-        try:
-            with tifffile.TiffFile(path) as tif:
-                size = path.stat().st_size
-                pages = list(tif.pages)  # parses every page header: a truncated file loses pages
-                ends = [o + c for page in pages for o, c in zip(page.dataoffsets, page.databytecounts)]
-                series = tif.series[0]
-                shape, dtype = tuple(series.shape), series.dtype
-        except Exception as exc:  # tifffile raises many types for damaged files
-            return None, f"{path}: cannot read this TIFF ({type(exc).__name__}: {exc}); copy or write it again"
-    if logged or (ends and max(ends) > size):
-        return None, f"{path}: the file is truncated or damaged; copy or write it again"
-    if len(shape) != 3:
-        return None, f"{path}: expected a 3D volume (one page per slice), found shape {shape}"
-    if dtype != np.uint8:
-        return None, f"{path}: expected uint8 voxels, found {dtype}"
-    return shape, None
-
-
-@contextmanager
-def _tifffile_log() -> Iterator[list[str]]:
-    """Collect (and keep off the console) what tifffile logs at ERROR level: damaged pages."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    logger = logging.getLogger("tifffile")
-    handler, propagate = Collect(level=logging.ERROR), logger.propagate
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
+    shape, problems = header_problems(path)
+    return shape, (" ".join(problems) or None)
 
 
 def _shape_mismatch(pair: VolumePair, pred_shape, label_shape) -> str:

@@ -40,6 +40,9 @@ from vesuvius_lab.core.files import write_json_atomic
 #: The record of a tuning run (``vlab tune``): its presence makes a run of the kind "tuned".
 TUNING_RECORD = "tuning.json"
 
+#: Keys of status.json that explain one state only, dropped when the state changes.
+STATE_DETAILS = ("error", "signal")
+
 PACKAGES = ("vesuvius-lab", "torch", "monai", "segmentation-models-pytorch", "nnunetv2", "numpy")
 
 
@@ -70,6 +73,23 @@ class Run:
             return default
         return record if isinstance(record, dict) else default
 
+    def damaged(self, name: str) -> str | None:
+        """Why the record ``name`` exists but cannot be read (not UTF-8, not JSON, not a JSON object, not
+        readable), or None when it is readable or absent. :meth:`read` never tells the two apart."""
+        try:
+            text = (self.path / name).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        except UnicodeDecodeError:
+            return "not UTF-8 text"
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            return f"not valid JSON ({exc})"
+        return None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+
     def write(self, name: str, data: Any) -> None:
         write_json_atomic(self.path / name, data)
 
@@ -94,7 +114,9 @@ class Run:
             os.fsync(handle.fileno())
 
     def set_status(self, state: str, **extra: Any) -> None:
-        status = self.read("status.json", {}) | extra
+        """Record the run's state; what explained an earlier state (its error, the signal that stopped it)
+        goes, so a run resumed after a failure and finished carries no stale error."""
+        status = {k: v for k, v in self.read("status.json", {}).items() if k not in STATE_DETAILS} | extra
         status.update(state=state, pid=os.getpid(), host=socket.gethostname(), updated=_now())
         self.write("status.json", status)
 
@@ -155,6 +177,31 @@ def latest_finished(experiment_dir: Path) -> Run | None:
     finished = [Run(p.parent) for p in Path(experiment_dir).glob("*/spec.json")]
     finished = [run for run in finished if effective_state(run) == "finished"]
     return max(finished, key=lambda run: (run.read("status.json", {}).get("updated", ""), run.id), default=None)
+
+
+def damaged_run(runs_dir: Path, experiment: str, fold: int | str | None = None,
+                records: tuple[str, ...] = ("spec.json", "status.json")) -> tuple[Run, str, str] | None:
+    """A run of ``experiment`` (and ``fold``, told by its folder name ``fold<k>-...``) that a command going on
+    from earlier work cannot judge, because one of its ``records`` is damaged: (run, record, why). A command
+    asked to continue or skip never replaces such a run with a new one unasked (see
+    :func:`damaged_run_error`). Failed runs are never continued, so they do not count."""
+    prefix = f"fold{fold}-" if fold is not None else ""
+    folder = Path(runs_dir) / experiment
+    candidates = sorted((p for p in folder.glob(f"{prefix}*") if p.is_dir()), reverse=True) if folder.is_dir() else []
+    for path in candidates:
+        run = Run(path)
+        damaged = [(record, reason) for record in records if (reason := run.damaged(record))]
+        if damaged and effective_state(run) != "failed":
+            return (run, *damaged[0])
+    return None
+
+
+def damaged_run_error(run: Run, record: str, reason: str, command: str) -> UserError:
+    """The message for :func:`damaged_run`: which file, and how to start anew (``command`` is the user's own
+    command, given again with ``--force``)."""
+    return UserError(f"{run.path / record}: damaged ({reason}), so it cannot be told whether run {run.path} is the "
+                     f"one to continue (or finished already). Start anew with `{command} --force` (that folder stays "
+                     "as it is), or repair or remove the folder and run the same command again.")
 
 
 def effective_state(run: Run) -> str:

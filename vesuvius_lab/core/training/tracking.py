@@ -30,8 +30,11 @@ with four methods, which training calls in the main process only (rank 0 under D
 
 A tracker never stops training: any exception it raises (a server that is down, a full disk) is
 caught, warned about once, naming the tracker and the error, and that tracker is dropped for the
-rest of the run while training goes on. Its calls run in the training process between epochs,
-so a tracker that talks to a server keeps its timeouts short.
+rest of the run while training goes on. So is an exception in a thread that the tracker (or its
+library) started during one of its calls, e.g. a writer thread: one warning, no thread traceback.
+A tracker that knows what went wrong raises :class:`TrackerError` with one sentence, shown as it
+is. Its calls run in the training process between epochs, so a tracker that talks to a server
+keeps its timeouts short.
 
 The ``[[tracker]]`` tables of ``vesuvius.toml`` and of the experiment name the trackers (see
 :func:`vesuvius_lab.core.config.project.merge_trackers`); they are recorded in the run's spec, so a
@@ -41,6 +44,7 @@ same (adding a tracker retrains nothing).
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Literal, Protocol, runtime_checkable
@@ -59,6 +63,11 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".svg")
 #: How an epoch record's tables are named in scalar names: ``loss_terms.dice`` is ``loss/dice``.
 TABLE_NAMES = {"loss_terms": "loss"}
 METHODS = ("start", "log_metrics", "log_artifact", "finish")
+
+
+class TrackerError(RuntimeError):
+    """What a tracker raises when it knows the cause: the message (one sentence, what is wrong and what
+    to do) is shown as it is in the one warning, without the exception's type."""
 
 
 @runtime_checkable
@@ -117,7 +126,8 @@ def pictures(run_dir: Path) -> list[Path]:
 
 
 def _warn(run_dir: Path, name: str, what: str, exc: BaseException) -> None:
-    text = (f'warning: tracker "{name}" failed ({what}): {type(exc).__name__}: {brief(exc)}. Training goes on; '
+    reason = brief(exc, 400).rstrip(".") if isinstance(exc, TrackerError) else f"{type(exc).__name__}: {brief(exc)}"
+    text = (f'warning: tracker "{name}" failed ({what}): {reason}. Training goes on; '
             f'this run is no longer sent to "{name}".')
     err.print(text, style="yellow", markup=False, highlight=False)
     try:
@@ -126,20 +136,62 @@ def _warn(run_dir: Path, name: str, what: str, exc: BaseException) -> None:
         pass
 
 
+#: The tracker call in progress, with the threads alive before it (a thread it starts is the tracker's).
+_calling: list[tuple["_Guarded", set[threading.Thread]]] = []
+
+
 class _Guarded:
-    """One tracker: each call that raises warns once and drops the tracker for the rest of the run."""
+    """One tracker: each call that raises, or a thread started during a call that raises later, warns
+    once and drops the tracker for the rest of the run."""
 
     def __init__(self, name: str, tracker: Tracker, run_dir: Path):
         self.name, self.tracker, self.run_dir = name, tracker, run_dir
+        self.threads: set[threading.Thread] = set()  # started during this tracker's calls
 
     def call(self, method: str, *args: Any) -> None:
         if self.tracker is None:
             return
+        before = set(threading.enumerate())
+        _calling.append((self, before))
         try:
             getattr(self.tracker, method)(*args)
         except Exception as exc:
-            self.tracker = None
-            _warn(self.run_dir, self.name, method, exc)
+            self.fail(method, exc)
+        finally:
+            _calling.pop()
+            self.threads |= set(threading.enumerate()) - before
+
+    def owns(self, thread: threading.Thread) -> bool:
+        """Whether ``thread`` was started by one of this tracker's calls (the one running now included)."""
+        return thread in self.threads or any(g is self and thread not in before for g, before in _calling)
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Warn (once: a tracker already dropped says nothing more) and drop the tracker."""
+        if self.tracker is None:
+            return
+        self.tracker = None
+        _warn(self.run_dir, self.name, what, exc)
+
+
+@contextmanager
+def _thread_errors(guarded: list[_Guarded]) -> Iterator[None]:
+    """Exceptions in the threads that trackers started become their tracker's one warning, not a thread
+    traceback each; other threads' exceptions go to the hook that was there before."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        owner = next((g for g in guarded if g.owns(args.thread)), None)
+        if owner is None or args.exc_value is None:
+            previous(args)
+        elif not isinstance(args.exc_value, (SystemExit, KeyboardInterrupt)):
+            owner.fail(f"in its thread {args.thread.name}", args.exc_value)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        if threading.excepthook is hook:
+            threading.excepthook = previous
 
 
 class Trackers:
@@ -204,13 +256,14 @@ def tracked(spec: Experiment, run_dir: Path, runs_dir: Path, *, enabled: bool = 
     When the block ends they finish: with ``summary.json`` and the run's pictures, or as failed or
     interrupted when it raises (the exception goes on)."""
     trackers = build_trackers(spec.tracker if enabled else [], run_dir, runs_dir)
-    trackers.start(params_of(spec))
-    try:
-        yield trackers
-    except KeyboardInterrupt:  # Ctrl-C and stop signals (interrupts.Interrupted)
-        trackers.finish("interrupted")
-        raise
-    except BaseException:
-        trackers.finish("failed")
-        raise
-    trackers.finish("finished", Run(Path(run_dir)).read("summary.json", {}))
+    with _thread_errors(trackers.guarded):
+        trackers.start(params_of(spec))
+        try:
+            yield trackers
+        except KeyboardInterrupt:  # Ctrl-C and stop signals (interrupts.Interrupted)
+            trackers.finish("interrupted")
+            raise
+        except BaseException:
+            trackers.finish("failed")
+            raise
+        trackers.finish("finished", Run(Path(run_dir)).read("summary.json", {}))

@@ -23,7 +23,7 @@ from vesuvius_lab.core.data.split import make_split
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.ensemble import EnsemblePredictor, read_members
 from vesuvius_lab.core.inference.probability_cache import CachedRun, volume_key
-from vesuvius_lab.core.inference.run_kinds import load_run
+from vesuvius_lab.core.inference.run_kinds import check_openable, load_run
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs, read_spec
 
 #: More groups than this cost more searches than they add to the estimate.
@@ -67,6 +67,20 @@ def source_runs(spec: Experiment, runs_dir: Path) -> list[Run]:
         raise UserError(f'no finished {what} of experiment "{spec.name}" in {runs_dir}. vlab tune tunes the '
                         f"post-processing on the out-of-fold predictions of trained runs: run `{how}` first.")
     return [newest[fold] for fold in sorted(newest)]
+
+
+def check_sources(runs: list[Run]) -> None:
+    """Refuse, once per run and before anything is created or predicted, source runs that cannot be opened
+    to predict: a damaged record, a missing or unreadable checkpoint, an ensemble without its members."""
+    problems = []
+    for run in runs:
+        try:
+            check_openable(run)
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("vlab tune predicts the out-of-fold volumes with its source runs, and "
+                        f"{'this one' if len(problems) == 1 else 'these'} cannot be used:\n  " + "\n  ".join(problems))
 
 
 def gather_cases(runs: list[Run], folder: Path, cache_dir: Path, device: str) -> list[Case]:

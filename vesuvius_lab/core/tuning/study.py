@@ -2,13 +2,15 @@
 
 Studies live in Optuna storage (SQLite inside the tuning run by default, or any Optuna RDB URL,
 so that several machines can work on one study). Every finished trial is stored at once, so a
-killed or interrupted search resumes with none lost: it runs only the trials still missing.
+killed or interrupted search resumes with none lost: it runs only the trials still missing. Each
+finished trial is also handed to ``on_record`` (the tuning run keeps them in ``trials.json``), so a
+damaged study can be rebuilt (:mod:`vesuvius_lab.core.tuning.storage`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -19,6 +21,7 @@ from vesuvius_lab.core.config.spec import Experiment, TuneRange
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.tuning.scoring import CaseScorer, ChainSpec
 from vesuvius_lab.core.tuning.space import apply_values, current_values, suggest, values_of
+from vesuvius_lab.core.tuning.storage import journal, open_storage, storage_errors, tag
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -37,22 +40,33 @@ class Search:
     ids: list[str]
     storage: str
     seed: int
+    identity: dict = field(default_factory=dict)  # which tuning the study belongs to (storage.tag)
+    on_record: Callable[[optuna.Study], None] | None = None  # called with the study after each trial
 
     def run(self, scorer: CaseScorer, trials: int, on_trial: Callable[[float | None], None]) -> optuna.Study:
         """Run the trials this study still lacks; ``on_trial(best score so far)`` after each."""
-        study = optuna.create_study(study_name=self.name, storage=self.storage, direction="maximize",
-                                    load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=self.seed))
-        if not study.trials:  # start from the untuned chain, so the search never ends below it
-            untuned = current_values(self.spec, self.space)
-            if len(untuned) == len(self.space):
-                study.enqueue_trial(untuned, skip_if_exists=True)
-        for _ in range(len(finished(study))):
-            on_trial(best_value(study))
-        missing = trials - len(finished(study))
-        if missing > 0:
-            study.optimize(lambda trial: self.objective(trial, scorer), n_trials=missing,
-                           callbacks=[lambda s, _t: on_trial(best_value(s))])
+        storage = open_storage(self.storage)
+        with storage_errors(self.storage):
+            study = optuna.create_study(study_name=self.name, storage=storage, direction="maximize",
+                                        load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=self.seed))
+            if self.identity:
+                tag(study, self.identity)
+            if not study.trials:  # start from the untuned chain, so the search never ends below it
+                untuned = current_values(self.spec, self.space)
+                if len(untuned) == len(self.space):
+                    study.enqueue_trial(untuned, skip_if_exists=True)
+            for _ in range(len(finished(study))):
+                on_trial(best_value(study))
+            missing = trials - len(finished(study))
+            if missing > 0:
+                study.optimize(lambda trial: self.objective(trial, scorer), n_trials=missing,
+                               callbacks=[lambda s, _t: self._after_trial(s, on_trial)])
         return study
+
+    def _after_trial(self, study: optuna.Study, on_trial: Callable[[float | None], None]) -> None:
+        if self.on_record is not None:
+            self.on_record(study)
+        on_trial(best_value(study))
 
     def objective(self, trial: optuna.Trial, scorer: CaseScorer) -> float:
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
@@ -61,14 +75,18 @@ class Search:
         except (ValidationError, UserError) as exc:  # a combination the steps refuse (hysteresis low above high)
             trial.set_user_attr("refused", str(exc).splitlines()[0][:300])
             raise optuna.TrialPruned() from None  # not a failure: the sampler learns to avoid it
+        except KeyboardInterrupt:  # stopped at once (a second Ctrl-C): Optuna records a failure; run it again
+            trial.set_user_attr("interrupted", True)
+            raise
         trial.set_user_attr("volumes", {i: s.score for i, s in scores.items()})
         return float(np.mean([s.score for s in scores.values()]))
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that count: complete, or refused by the steps (pruned); not the one a kill interrupted."""
+    """Trials that count: complete, or refused by the steps (pruned); not the one a kill or a forced stop
+    interrupted."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return [t for t in study.trials if t.state in states]
+    return [t for t in study.trials if t.state in states and not t.user_attrs.get("interrupted")]
 
 
 def best_value(study: optuna.Study) -> float | None:
@@ -77,12 +95,26 @@ def best_value(study: optuna.Study) -> float | None:
 
 
 def best_values(study: optuna.Study, space: dict[str, TuneRange]) -> dict[str, Any]:
+    """The values of the best trial; a UserError when no trial was scored (every one refused by the steps)."""
+    if best_value(study) is None:
+        refused = next((t.user_attrs["refused"] for t in study.trials if t.user_attrs.get("refused")), None)
+        raise UserError(f"every trial of the search {study.study_name!r} ({len(study.trials)}) was refused by the "
+                        f"post-processing steps{f' (the first: {refused})' if refused else ''}, so no chain was "
+                        "scored. Narrow the [tune] ranges to values the steps accept.")
     return values_of(study.best_trial.params, space)
 
 
 def trial_records(study: optuna.Study, space: dict[str, TuneRange]) -> list[dict]:
-    """Every trial of a study, for the run's ``trials.json`` and the report's pictures."""
-    return [{"number": t.number, "state": t.state.name, "score": t.value, "values": values_of(t.params, space),
-             "volumes": t.user_attrs.get("volumes", {}), "refused": t.user_attrs.get("refused"),
-             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-             if t.datetime_complete and t.datetime_start else None} for t in study.trials]
+    """Every finished trial of a study, for the run's ``trials.json`` and the report's pictures (with the
+    params and distributions that rebuild the trial, see :func:`vesuvius_lab.core.tuning.storage.rebuild`)."""
+    by_number = {t.number: t for t in study.trials}
+    return [{**record, "values": values_of(record["params"], space),
+             "volumes": record["user_attrs"].get("volumes", {}), "refused": record["user_attrs"].get("refused"),
+             "seconds": _seconds(by_number[record["number"]])} for record in journal(study)]
+
+
+def _seconds(trial: optuna.trial.FrozenTrial) -> float | None:
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
+

@@ -11,6 +11,7 @@ after a kill or Ctrl-C, ``vlab tune`` continues the same run and the trials it l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from datetime import datetime
@@ -21,6 +22,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vesuvius_lab.core import interrupts
+from vesuvius_lab.core.config.checked import read_experiment
 from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment, TuneRange
@@ -34,27 +36,42 @@ from vesuvius_lab.core.runs.folder import (TUNING_RECORD, Run, effective_state, 
 from vesuvius_lab.core.runs.lock import RunLock
 from vesuvius_lab.core.runs.records import resolve_run
 from vesuvius_lab.core.runs.summary import write_summary
-from vesuvius_lab.core.tuning.cases import Case, gather_cases, source_runs
+from vesuvius_lab.core.tuning.cases import Case, check_sources, gather_cases, source_runs
 from vesuvius_lab.core.tuning.scoring import CaseScorer
 from vesuvius_lab.core.tuning.space import apply_values
+from vesuvius_lab.core.tuning.storage import (DamagedStorage, check_studies, open_storage, prepare_studies, rebuild,
+                                              shown)
 from vesuvius_lab.core.tuning.study import Search, best_values, chain_of, trial_records
 
 TRIALS_FILE = "trials.json"
+STUDY_FILE = "study.db"
 RESUMABLE = ("killed", "interrupted")
+#: The records that say whether a tuning run can be continued.
+RECORDS = (TUNING_RECORD, "status.json", "spec.json")
 
 
-@interrupts.stop_signals()
+@interrupts.stop_signals(at="after the trial in progress")
 def tune(target: str, project: Project, *, trials: int, workers: int, storage: str | None = None,
-         device: str = "cpu", overrides: list[str] = ()) -> Run:
-    """Tune the chain of ``target`` (an experiment file with ``[tune]``, or a run) and return the tuning run."""
+         device: str = "cpu", overrides: list[str] = (), force: bool = False) -> Run:
+    """Tune the chain of ``target`` (an experiment file with ``[tune]``, or a run) and return the tuning run.
+
+    Everything the user gave is checked before a run folder is created or continued: the file (every
+    check of ``vlab validate``), the source runs, a killed run's records, and the study storage."""
     spec, file, sources = _target(target, project, list(overrides))
     if not spec.tune:
         raise UserError(f"{file or target}: no [tune] table, so there is nothing to search. Add one, e.g.\n"
                         '[tune]\n"inference.threshold" = { low = 0.2, high = 0.7 }\n'
                         "(see docs/tuning.md).")
+    check_sources(sources)
     identity = {"space": _space_record(spec.tune), "sources": [str(run.path) for run in sources]}
-    run = _resumable(project.runs_dir, f"{spec.name}-tuned", identity) or _new_run(spec, project, device)
+    name = f"{spec.name}-tuned"
+    run = None if force else _resumable(project.runs_dir, name, identity, target)
+    if storage is not None:  # the user's database: refused before a run exists, never repaired here
+        prepare_studies(storage, name, identity, list(spec.tune))
+    run = run or _new_run(spec, project, device)
     with RunLock(run):
+        if storage is None:
+            _own_study(run, name, identity, list(spec.tune), target)
         return _tune(run, spec, file, sources, identity, project, trials=trials, workers=workers,
                      storage=storage, device=device)
 
@@ -63,12 +80,13 @@ def _tune(run: Run, spec: Experiment, file: Path | None, sources: list[Run], ide
           trials: int, workers: int, storage: str | None, device: str) -> Run:
     started = time.time()
     storage = storage or f"sqlite:///{run.path / 'study.db'}"
-    record = {**identity, "target": str(file) if file else None, "trials": trials, "storage": storage,
+    record = {**identity, "target": str(file) if file else None, "trials": trials, "storage": shown(storage),
               "study": f"{spec.name}-tuned"}
     run.write(TUNING_RECORD, record)
     run.set_status("running")
     try:
         cases = gather_cases(sources, run.path, project.cache_dir, device)
+        interrupts.check()
         groups = sorted({case.group for case in cases})
         record["cases"] = [case.to_dict() for case in cases]
         _log(run, f"tuning {len(spec.tune)} key(s) on {len(cases)} out-of-fold volume(s) in {len(groups)} group(s), "
@@ -77,7 +95,8 @@ def _tune(run: Run, spec: Experiment, file: Path | None, sources: list[Run], ide
                         runs_dir=project.runs_dir) as scorer, _progress(trials * (1 + len(groups))) as tick:
             ids = [case.id for case in cases]
             untuned = scorer.score(chain_of(spec), ids)
-            search = Search(record["study"], spec.tune, spec, ids, storage, spec.train.seed or 0)
+            search = Search(record["study"], spec.tune, spec, ids, storage, spec.train.seed or 0, identity,
+                            _keeper(run, record["study"], spec.tune))
             study = search.run(scorer, trials, lambda best: tick("search", best))
             best = best_values(study, spec.tune)
             tuned = apply_values(spec, best)
@@ -110,7 +129,7 @@ def _cross_validate(search: Search, cases: list[Case], groups: list[int], scorer
     for group in groups:
         inside = [c.id for c in cases if c.group != group]
         outside = [c.id for c in cases if c.group == group]
-        sub = Search(f"{search.name}-cv{group}", search.space, search.spec, inside, search.storage, search.seed)
+        sub = dataclasses.replace(search, name=f"{search.name}-cv{group}", ids=inside)
         study = sub.run(scorer, trials, lambda best: tick(f"cross-validation {group}", best))
         best = best_values(study, search.space)
         scores = scorer.score(chain_of(apply_values(search.spec, best)), outside)
@@ -131,7 +150,7 @@ def _record(run: Run, spec: Experiment, tuned: Experiment, record: dict, untuned
         steps["cross-validated"] = record["cross_validated"]
     run.write("scores.json", {"epoch": None, "mean": mean_scores(list(final.values())), "volumes": volumes,
                               "steps": steps})
-    run.write(TRIALS_FILE, {"trials": trial_records(study, spec.tune)})
+    run.write(TRIALS_FILE, {**run.read(TRIALS_FILE, {}), "trials": trial_records(study, spec.tune)})
     run.write(TUNING_RECORD, record)
     named = tuned.model_copy(update={"name": f"{spec.name}-tuned",
                                      "data": tuned.data.model_copy(update={"folds": None})})
@@ -175,9 +194,12 @@ def write_tuned_file(file: Path, tuned: Experiment, record: dict, run: Run) -> P
 def _target(target: str, project: Project, overrides: list[str]) -> tuple[Experiment, Path | None, list[Run]]:
     """(resolved spec with its [tune], the experiment file if one was given, the runs to tune on)."""
     path = Path(target)
-    if path.suffix == ".toml" and path.is_file():
-        spec = project.resolve(load_experiment(path, overrides).spec)
+    if path.suffix == ".toml":  # a file, checked exactly as `vlab validate` checks it
+        spec = project.resolve(read_experiment(path, overrides).spec)
         return spec, path, source_runs(spec, project.runs_dir)
+    if overrides:
+        raise UserError(f"--set {overrides[0]}: a run is tuned with the [tune] table it recorded; --set applies to "
+                        "an experiment file. Tune the file instead, or edit its [tune] table.")
     run = resolve_run(target, project.runs_dir)
     spec = read_spec(run)
     return spec, None, [run] if spec.ensemble is not None else source_runs(spec, project.runs_dir)
@@ -187,16 +209,69 @@ def _space_record(space: dict[str, TuneRange]) -> dict:
     return {key: dimension.model_dump(mode="json", exclude_defaults=True) for key, dimension in space.items()}
 
 
-def _resumable(runs_dir: Path, name: str, identity: dict) -> Run | None:
-    """The newest killed or interrupted tuning run of the same space and sources, to continue."""
+def _resumable(runs_dir: Path, name: str, identity: dict, target: str) -> Run | None:
+    """The newest killed or interrupted tuning run of the same space and sources, to continue. A run whose
+    records are damaged, so that it cannot be told whether to continue it, is refused, never replaced by a
+    new run unasked."""
     wanted = json.dumps(identity, sort_keys=True)
     for run in sorted(find_runs(runs_dir), key=lambda r: r.id, reverse=True):
+        if run.experiment != name:
+            continue
+        damaged = {record: reason for record in RECORDS if (reason := run.damaged(record))}
         recorded = run.read(TUNING_RECORD, {})
         same = json.dumps({key: recorded.get(key) for key in identity}, sort_keys=True) == wanted
-        if run.experiment == name and same and effective_state(run) in RESUMABLE:
+        state = effective_state(run)
+        if damaged and (same or TUNING_RECORD in damaged) and state in (*RESUMABLE, "unknown"):
+            record, reason = next(iter(damaged.items()))
+            raise UserError(f"{run.path / record}: damaged ({reason}), so vlab tune cannot tell whether to continue "
+                            f"the tuning run {run.path}. Start a new tuning run with `vlab tune {target} --force` "
+                            "(that folder stays as it is), or remove the folder and run the same command again.")
+        if same and state in RESUMABLE:
             _log(run, f"continuing {run.path}")
             return run
     return None
+
+
+def _own_study(run: Run, name: str, identity: dict, space_keys: list[str], target: str) -> None:
+    """Check the run's own study.db before the search continues it; a damaged one is rebuilt from the
+    trials the run recorded in trials.json (the damaged file is kept beside it)."""
+    database = run.path / STUDY_FILE
+    url = f"sqlite:///{database}"
+    if not database.exists():
+        return
+    try:
+        check_studies(open_storage(url), url, name, identity, space_keys)
+        return
+    except DamagedStorage as exc:
+        reason = exc.reason
+    saved = run.read(TRIALS_FILE, {})
+    studies = {name: saved.get("trials") or [], **(saved.get("cross_validation") or {})}
+    recorded = sum(len(records) for records in studies.values() if isinstance(records, list))
+    if not recorded:
+        raise UserError(f"{database}: the study database is damaged ({reason}) and {run.path / TRIALS_FILE} records "
+                        f"no trial to rebuild it from. Start a new tuning run with `vlab tune {target} --force` "
+                        f"(that folder stays as it is), or remove {run.path} and run the same command again.")
+    kept = database.with_name(f"{STUDY_FILE}.damaged")
+    database.replace(kept)
+    restored = rebuild(url, {study: records for study, records in studies.items() if records}, identity)
+    _log(run, f"{database} was damaged ({reason}): rebuilt it from the {restored} trial(s) recorded in "
+              f"{TRIALS_FILE}; the damaged file is kept as {kept.name}")
+
+
+def _keeper(run: Run, main: str, space: dict[str, TuneRange]):
+    """After each trial, the study's finished trials into the run's trials.json (the main search under
+    "trials", each cross-validation search under "cross_validation"): what rebuilds a damaged study."""
+
+    def keep(study) -> None:
+        saved = run.read(TRIALS_FILE, {})
+        records = trial_records(study, space)
+        if study.study_name == main:
+            saved["trials"] = records
+        else:
+            saved.setdefault("cross_validation", {})[study.study_name] = records
+        run.write(TRIALS_FILE, saved)
+
+    return keep
 
 
 def _new_run(spec: Experiment, project: Project, device: str) -> Run:
@@ -222,7 +297,9 @@ class _progress:
         return self.tick
 
     def tick(self, stage: str, best: float | None) -> None:
+        """After each trial, once Optuna has stored it: the safe point where a stop signal is taken."""
         self.progress.update(self.task, advance=1, description=stage, best="—" if best is None else f"{best:.4f}")
+        interrupts.check()
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()

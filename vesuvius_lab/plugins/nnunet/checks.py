@@ -56,6 +56,23 @@ def check_params(params: NnUNetParams, spec: Any) -> Iterator[tuple[str, str]]:
     yield from prediction_problems(params, spec.inference)
     if params.configuration == "3d_lowres":
         yield from _lowres_problems(params, spec)
+    yield from _init_problems(spec)
+
+
+def _init_problems(spec: Any) -> Iterator[tuple[str, str]]:
+    """An existing ``train.init`` that cannot be nnU-Net weights, refused before any planning or
+    preprocessing (a missing one is refused by training, before a run folder exists)."""
+    if not spec.train.init:
+        return
+    from vesuvius_lab.plugins.nnunet.pretrained import init_problem
+
+    runs_dir = _runs_dir()
+    for candidate in (Path(spec.train.init).expanduser(), *([runs_dir / spec.train.init] if runs_dir else [])):
+        if candidate.exists():
+            problem = init_problem(candidate)
+            if problem:
+                yield "", problem
+            return
 
 
 def _patch_problems(params: NnUNetParams) -> Iterator[tuple[str, str]]:
@@ -120,6 +137,16 @@ def _data_root(spec: Any) -> Path | None:
 
     try:
         return Path(load_project().resolve(spec).data.root)
+    except (UserError, OSError):
+        return None
+
+
+def _runs_dir() -> Path | None:
+    from vesuvius_lab.core.config.project import load_project
+    from vesuvius_lab.core.errors import UserError
+
+    try:
+        return load_project().runs_dir
     except (UserError, OSError):
         return None
 

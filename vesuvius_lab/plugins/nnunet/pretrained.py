@@ -12,6 +12,7 @@ so that a mismatch (e.g. another number of stages) is one clear error listing th
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 from vesuvius_lab.core.errors import UserError
@@ -27,9 +28,14 @@ def checkpoint_file(init: Path) -> Path:
         return init
     record_file = init / "backend" / "nnunet.json"
     if init.is_dir() and record_file.is_file():
-        record = json.loads(record_file.read_text())
+        try:
+            record = json.loads(record_file.read_text())
+            results, fold_number = record["results"], record["fold"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"train.init = {init}: its record {record_file} is damaged ({type(exc).__name__}: {exc}), "
+                            "so its checkpoint cannot be found. Start from another run or a checkpoint file.") from None
         checkpoint = _run_checkpoint_name(init)
-        fold = init / "backend" / record["results"] / f"fold_{record['fold']}"
+        fold = init / "backend" / results / f"fold_{fold_number}"
         path = fold / f"checkpoint_{checkpoint}.pth"
         if not path.is_file():
             raise UserError(f"train.init = {init}: {path} does not exist, so that nnU-Net run did not finish its "
@@ -40,6 +46,33 @@ def checkpoint_file(init: Path) -> Path:
                         "starts only from nnU-Net weights: give an nnU-Net run of this project or an nnU-Net "
                         "checkpoint file (checkpoint_final.pth).")
     raise UserError(f"train.init = {init}: no such run directory or checkpoint file.")
+
+
+def header_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch checkpoint, from its first bytes (torch.save writes a zip archive,
+    older torch a pickle); None when it may be one. Cheap: made before planning and preprocessing."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(2)
+        if not start:
+            return "the file is empty"
+        if zipfile.is_zipfile(path) or start[:1] == b"\x80":
+            return None
+    except OSError as exc:
+        return f"the file cannot be read ({exc.strerror or exc})"
+    return "not a torch checkpoint (neither a torch archive nor a pickle: damaged, truncated or another kind of file)"
+
+
+def init_problem(init: Path) -> str | None:
+    """What keeps an existing ``train.init`` (an nnU-Net run or a checkpoint file) from being used, found
+    without loading the weights; None when nothing does."""
+    try:
+        path = checkpoint_file(init)
+    except UserError as exc:
+        return str(exc)
+    problem = header_problem(path)
+    return f"train.init = {init}: {path}: {problem}. Give checkpoint_final.pth of an nnU-Net training or an nnU-Net " \
+           "run folder." if problem else None
 
 
 def _run_checkpoint_name(run_dir: Path) -> str:
