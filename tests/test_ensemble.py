@@ -345,3 +345,19 @@ def test_submit_of_an_ensemble_run_writes_a_valid_zip(ws, builds, tmp_path):
     for run in (*ws.smp, ws.monai):
         keys = {p.stem for p in (run.path / "probabilities").glob("*/*.npy")}
         assert {volume_key(read_volume(dataset.image_path(i, "test"))) for i in dataset.test_ids} <= keys
+
+
+def test_an_ensemble_of_2_5d_and_3d_runs_predicts_blocks_as_it_predicts_the_whole_volume(ws, builds):
+    """Block-wise prediction of a large volume: each member run's blocks, combined as the ensemble combines."""
+    from vesuvius_lab.core.inference.blocks import ArrayReader, BlockPlan, Box
+
+    predictor = load_run(builds["weighted"].path)
+    volume = read_volume(sorted((ws.data / "test_images").glob("*.tif"))[0])
+    smp = [load_run(run.path).probabilities(volume) for run in ws.smp]  # float32 sliding windows of each run
+    whole = (3 * (smp[0] + smp[1]) / 2 + load_run(ws.monai.path).probabilities(volume)) / 4  # weights [3, 1]
+    blocks = np.full(volume.shape, np.nan, np.float32)
+    for block in BlockPlan(volume.shape, Box.of_shape(volume.shape), (16, 32, 24)).blocks():
+        blocks[block.core.slices] = predictor.blocks(ArrayReader(volume), block.core)
+    assert np.abs(blocks - whole).max() <= 1e-5
+    # The whole-volume path combines the members' float16 caches: the same up to their rounding.
+    assert np.abs(blocks - predictor.probabilities(volume)).max() < 1e-3

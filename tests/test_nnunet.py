@@ -676,3 +676,25 @@ def test_init_whose_layers_do_not_fit_is_refused_before_training(trained, tmp_pa
     with pytest.raises(UserError, match="not an nnU-Net run"):
         registry.build("models", "nnunet", TINY_PARAMS).train(make_job(job.data_root, tmp_path / "other", job.cache_dir,
                                                                        0, TINY_PARAMS, [], init=tmp_path))
+
+
+@pytest.mark.slow
+def test_an_nnunet_run_predicts_blocks_of_a_large_volume_exactly_through_its_window_network(trained):
+    """Block-wise prediction runs nnU-Net's network (its CT normalisation inside) through the core's
+    sliding windows: blocks equal the core's whole-volume blend, and that blend is close to nnU-Net's own."""
+    from vesuvius_lab.core.inference.blocks import ArrayReader, BlockPlan, Box, predict_block
+    from vesuvius_lab.core.inference.engine import predict_volume
+
+    job, _, _ = trained
+    image, _ = sheet_volume((45, 38, 50), np.random.default_rng(12))
+    model = registry.build("models", "nnunet", TINY_PARAMS, inference=InferenceSpec(overlap=0.5, tta=["flip1"]))
+    model.load(job.run_dir, "cpu")
+    network, inference = model.window_model()
+    assert inference.window == (32, 32, 32) and inference.tta == ["flip1"] and inference.blend.plugin == "gaussian"
+    whole = predict_volume(image, network, inference)
+    blocks = np.zeros_like(whole)
+    for block in BlockPlan(image.shape, Box.of_shape(image.shape), (16, 24, 32)).blocks():
+        blocks[block.core.slices] = predict_block(ArrayReader(image), block.core, network, inference)
+    assert np.abs(blocks - whole).max() <= 1e-5
+    own = model.predict_probabilities(image)  # nnU-Net's tiling and mirroring differ a little, not its network
+    assert np.corrcoef(own.ravel(), whole.ravel())[0, 1] > 0.95

@@ -12,7 +12,6 @@ import warnings
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from vesuvius_lab import __version__
 from vesuvius_lab.core.console import err, out
@@ -56,9 +55,9 @@ def cli(ctx: click.Context, project_file, data, runs, device):
 @click.option("--quiet", "-q", is_flag=True, help="Print problems only.")
 def validate(files, overrides, quiet):
     """Check experiment files: every problem of every file (and of every [sweep] combination), with file, line and key path."""
-    from vesuvius_lab.core.config.sweep import expand_files
+    from vesuvius_lab.core.config.checked import check_files
 
-    loaded, problems = expand_files(list(files), list(overrides))
+    loaded, problems = check_files(list(files), list(overrides))
     if not quiet:
         for item in loaded:
             out.print(f"[green]ok[/]  {item.file}  ({item.spec.name}: model {_escape(item.spec.model_label)})")
@@ -97,14 +96,14 @@ def schema(output):
 @click.pass_obj
 def train(obj: ProjectContext, experiment, overrides, fold, nproc, resume):
     """Train an experiment (one fold), validate it with the competition score, record the run."""
-    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.config.checked import read_experiment
 
     if bool(experiment) == bool(resume):
         raise UserError("Give either an experiment file to start a run or --resume RUN_DIR to continue one.")
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc {nproc}: give at least 1 process.")
     overrides = list(overrides) + ([f"data.fold={fold}"] if fold is not None else [])
-    loaded = load_experiment(experiment, overrides) if experiment else None
+    loaded = read_experiment(experiment, overrides) if experiment else None
     if loaded is not None and loaded.spec.ensemble is not None:
         raise UserError(f"{experiment}: an [ensemble] combines runs that are trained already; build it with "
                         f"`vlab ensemble {experiment}`.")
@@ -126,22 +125,67 @@ def _print_result(run, label: str) -> None:
 
 @cli.command()
 @click.argument("run_dir")
-@click.option("--input", "-i", "source", required=True, type=click.Path(), help="A .tif volume or a folder of them.")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Folder for <id>.tif masks.")
-@click.option("--probabilities", is_flag=True, help="Also write float16 probabilities, as OUTPUT/probabilities/<id>.tif.")
+@click.option("--input", "-i", "source", required=True, type=click.Path(),
+              help="A .tif volume or a folder of them; with --output OUT.zarr: a volume of any size (zarr v2/v3, "
+                   "OME-Zarr, TIFF), a path or an http(s):// URL.")
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Folder for <id>.tif masks; or OUT.zarr: an OME-Zarr written block by block (see below).")
+@click.option("--probabilities", is_flag=True, help="Also write float16 probabilities, as OUTPUT/probabilities/<id>.tif; "
+                                                    "with OUT.zarr: write probabilities x255 instead of the mask.")
+@click.option("--level", type=click.IntRange(min=0), help="OUT.zarr: the OME-Zarr level of the input (default 0).")
+@click.option("--bbox", metavar="Z0:Z1,Y0:Y1,X0:X1", help="OUT.zarr: only this box, in the input's voxels; the values "
+                                                          "inside equal a whole-volume run's.")
+@click.option("--block", metavar="N|Z,Y,X", help="OUT.zarr: block side(s) in voxels, multiples of --chunk (default: "
+                                                 "from the window, see docs/large-volumes.md).")
+@click.option("--support-mask", default="auto", show_default=True,
+              help="OUT.zarr: auto (the input above --support-threshold holds scroll), none, or a mask volume; "
+                   "blocks without scroll are not predicted and the output is 0 outside it.")
+@click.option("--support-threshold", type=click.IntRange(min=0), default=0, show_default=True,
+              help="OUT.zarr: with --support-mask auto, input values above this hold scroll.")
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), default="2", show_default=True,
+              help="OUT.zarr: zarr v2 (NGFF 0.4, what VC3D and khartes read) or v3 (NGFF 0.5).")
+@click.option("--chunk", type=click.IntRange(min=8), default=128, show_default=True, help="OUT.zarr: chunk side.")
+@click.option("--shard", type=click.IntRange(min=8), help="OUT.zarr with --zarr-format 3: shard side (chunks in shards).")
+@click.option("--resume", is_flag=True, help="OUT.zarr: go on with an output made by the same command; done blocks "
+                                             "are skipped.")
+@click.option("--force", is_flag=True, help="OUT.zarr: remove an earlier output of vlab predict there and start over.")
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="The checkpoint of a run trained by the core loop: best (validation) or last (final epoch).")
 @click.pass_obj
-def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides):
+def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides, checkpoint, level, bbox, block,
+            support_mask, support_threshold, zarr_format, chunk, shard, resume, force):
     """Predict volumes with a trained run (a run folder, an experiment name for its newest finished run, or
-    `best` for the leaderboard's first row): masks after the run's post-processing chain."""
-    from vesuvius_lab.core.inference.predict import input_volumes, predict_files
-    from vesuvius_lab.core.inference.run_kinds import load_run
+    `best` for the leaderboard's first row): masks after the run's post-processing chain.
 
-    volumes = input_volumes(Path(source))
-    predictor = load_run(_run_path(obj, run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
-    with _volume_progress(len(volumes), "predicting") as advance:
-        for volume_id in predict_files(predictor, volumes, Path(output), probabilities=probabilities):
-            advance(volume_id)
+    \b
+    --output OUT.zarr: a volume of any size, block by block, into an OME-Zarr (uint8: masks
+    0/255, probabilities x255; levels 1-5; VC3D's meta.json). Each block equals the whole-volume
+    prediction there; a killed run continues with --resume, losing at most the block in flight.
+    """
+    if str(output).rstrip("/").lower().endswith(".zarr"):
+        from vesuvius_lab.core.inference.volume_predict import VolumeRequest
+
+        request = VolumeRequest(
+            input=source, output=Path(output), level=level, bbox=bbox, block=_block_sides(block),
+            probabilities=probabilities, support=support_mask, support_threshold=support_threshold,
+            zarr_format=int(zarr_format), chunk=chunk, shard=shard, resume=resume, force=force, checkpoint=checkpoint)
+        _predict_large(obj, run_dir, request, overrides)
+        return
+    zarr_only = {"--level": level is not None, "--bbox": bbox, "--block": block, "--shard": shard, "--resume": resume,
+                 "--force": force, "--zarr-format": zarr_format != "2", "--support-mask": support_mask != "auto"}
+    if any(zarr_only.values()):
+        raise UserError(f"{', '.join(k for k, v in zarr_only.items() if v)}: options of whole-volume prediction, "
+                        "which writes an OME-Zarr: give --output OUT.zarr (a name ending in .zarr).")
+    from vesuvius_lab.core import interrupts
+    from vesuvius_lab.core.inference.predict import input_volumes, predict_files
+
+    with interrupts.stop_signals():  # from the start: a stop while the run loads is taken before the first volume
+        volumes = input_volumes(Path(source))
+        predictor = _checked_predictor(obj, run_dir, volumes, overrides, checkpoint)
+        with _volume_progress(len(volumes), "predicting") as advance:
+            for volume_id in predict_files(predictor, volumes, Path(output), probabilities=probabilities):
+                advance(volume_id)
     out.print(f"wrote {len(volumes)} mask(s) to {output}")
 
 
@@ -160,7 +204,7 @@ def ensemble(obj: ProjectContext, experiment, overrides, top):
     each member contributes its run that did not train on it. `vlab predict` and `vlab submit`
     take the ensemble's run folder like any run's.
     """
-    from vesuvius_lab.core.config.experiment import load_experiment
+    from vesuvius_lab.core.config.checked import read_experiment
     from vesuvius_lab.core.training.ensemble_run import build_ensemble
 
     overrides = list(overrides)
@@ -171,7 +215,7 @@ def ensemble(obj: ProjectContext, experiment, overrides, top):
         members = strongest_members(obj.project().runs_dir, top)
         err.print("members: " + ", ".join(_escape(m.get("experiment") or m["run"]) for m in members))
         overrides.append(f"ensemble.members={toml_value(members)}")
-    loaded = load_experiment(experiment, overrides)
+    loaded = read_experiment(experiment, overrides)
     run = build_ensemble(loaded, obj.project(), device=_device(obj))
     _print_result(run, f"({loaded.spec.model_label})")
 
@@ -185,8 +229,10 @@ def ensemble(obj: ProjectContext, experiment, overrides, top):
 @click.option("--storage", default=None, help="An Optuna RDB URL (e.g. postgresql://...), so several machines tune "
                                               "one study; default SQLite inside the tuning run.")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--force", is_flag=True, help="Start a new tuning run even when a killed or interrupted one (or one "
+                                            "whose records are damaged) could be continued.")
 @click.pass_obj
-def tune(obj: ProjectContext, target, trials, workers, storage, overrides):
+def tune(obj: ProjectContext, target, trials, workers, storage, overrides, force):
     """Tune the post-processing chain and threshold of an experiment's [tune] table on the out-of-fold
     predictions of its trained runs, against the exact competition score.
 
@@ -202,7 +248,7 @@ def tune(obj: ProjectContext, target, trials, workers, storage, overrides):
     from vesuvius_lab.core.tuning.tuner import tune as run_tuning
 
     run = run_tuning(target, obj.project(), trials=trials, workers=workers or os.cpu_count() or 1, storage=storage,
-                     device=_device(obj), overrides=list(overrides))
+                     device=_device(obj), overrides=list(overrides), force=force)
     record = run.read("tuning.json", {})
     if record.get("tuned_file"):
         out.print(f"tuned experiment file: {_escape(record['tuned_file'])}")
@@ -214,19 +260,75 @@ def tune(obj: ProjectContext, target, trials, workers, storage, overrides):
 @click.option("--input", "-i", "source", required=True, type=click.Path(), help="The test_images folder.")
 @click.option("--output", "-o", default="submission.zip", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="The checkpoint of a run trained by the core loop: best (validation) or last (final epoch).")
 @click.pass_obj
-def submit(obj: ProjectContext, run_dir, source, output, overrides):
+def submit(obj: ProjectContext, run_dir, source, output, overrides, checkpoint):
     """Write the competition's submission.zip (<id>.tif, uint8, each input's shape) with a run (a run
     folder, an experiment name for its newest finished run, or `best` for the leaderboard's first row)."""
+    from vesuvius_lab.core import interrupts
     from vesuvius_lab.core.inference.predict import input_volumes, write_submission
-    from vesuvius_lab.core.inference.run_kinds import load_run
 
-    volumes = input_volumes(Path(source))
-    predictor = load_run(_run_path(obj, run_dir), device=_device(obj), overrides=_inference_overrides(overrides))
-    with _volume_progress(len(volumes), "submission") as advance:
-        for volume_id in write_submission(predictor, volumes, Path(output)):
-            advance(volume_id)
+    with interrupts.stop_signals():  # from the start: a stop while the run loads is taken before the first volume
+        volumes = input_volumes(Path(source))
+        predictor = _checked_predictor(obj, run_dir, volumes, overrides, checkpoint)
+        with _volume_progress(len(volumes), "submission") as advance:
+            for volume_id in write_submission(predictor, volumes, Path(output)):
+                advance(volume_id)
     out.print(f"wrote {output} ({len(volumes)} volumes)")
+
+
+def _block_sides(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        sides = [int(part) for part in text.replace(" ", "").split(",")]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 3) or min(sides) < 1:
+        raise UserError(f"--block {text}: give one side or three (z,y,x) in voxels, e.g. --block 256 or "
+                        "--block 256,512,512.")
+    return tuple(sides * 3 if len(sides) == 1 else sides)
+
+
+def _predict_large(obj: ProjectContext, run_dir: str, request, overrides) -> None:
+    """``vlab predict ... --output OUT.zarr``: plan, predict the blocks not done yet, then the pyramid."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from vesuvius_lab.core import interrupts
+    from vesuvius_lab.core.inference.run_kinds import load_run
+    from vesuvius_lab.core.inference.volume_predict import finish, pending_blocks, predict_blocks, prepare
+
+    path = _run_path(obj, run_dir)
+    predictor = load_run(path, device=_device(obj), overrides=_checked_overrides(path, overrides),
+                         checkpoint_name=request.checkpoint)
+    with interrupts.stop_signals(at="after this block"):
+        prepared = prepare(predictor, request)
+        todo = pending_blocks(prepared)
+        total = len(prepared.plan)
+        err.print(f"{_escape(str(request.output))}: {total} block(s) of {'x'.join(map(str, prepared.plan.block))} over "
+                  f"{prepared.plan.region} of {'x'.join(map(str, prepared.source.shape))}; {total - len(todo)} done "
+                  f"before, halo {prepared.halo} voxel(s) for the chain")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("blocks", total=total, completed=total - len(todo))
+
+            def advanced(block, predicted) -> None:
+                counts = prepared.counts
+                bar.update(task, advance=1, description=f"blocks ({counts['predicted']} predicted, "
+                                                        f"{counts['empty']} without scroll)")
+
+            try:
+                predict_blocks(prepared, todo, on_block=advanced)
+            except KeyboardInterrupt:
+                done = total - len(todo) + prepared.counts["predicted"] + prepared.counts["empty"]
+                err.print(f"stopped with {done} of {total} block(s) done; the same command with --resume goes on")
+                raise
+        finish(prepared)
+    counts = prepared.counts
+    out.print(f"wrote {_escape(str(request.output))}: {counts['predicted']} block(s) predicted, {counts['empty']} "
+              f"without scroll, {total - len(todo)} done before; levels 0-5, meta.json")
 
 
 def _run_path(obj: ProjectContext, text: str) -> Path:
@@ -250,18 +352,43 @@ def _device(obj: ProjectContext) -> str:
     return resolve_device(obj.project().settings.device)
 
 
-def _inference_overrides(overrides) -> dict:
+def _checked_predictor(obj: ProjectContext, run_dir: str, volumes, overrides, checkpoint: str):
+    """The run opened to predict, after the cheap checks of everything given, before anything is written:
+    every input's TIFF header, the --set values (checked as `vlab validate` checks a file), the checkpoint,
+    and that each input is not smaller than the window."""
+    from vesuvius_lab.core.data.tiff import check_headers
+    from vesuvius_lab.core.inference.predict import check_window_fits
+    from vesuvius_lab.core.inference.run_kinds import check_openable, load_run
+    from vesuvius_lab.core.runs.folder import Run
+
+    shapes = check_headers(path for _, path in volumes)
+    path = _run_path(obj, run_dir)
+    settings = _checked_overrides(path, overrides)
+    check_openable(Run(path), checkpoint)
+    predictor = load_run(path, device=_device(obj), overrides=settings, checkpoint_name=checkpoint)
+    for volume_id, volume_path in volumes:
+        check_window_fits(predictor.spec, volume_id, shapes[Path(volume_path)])
+    return predictor
+
+
+def _checked_overrides(path: Path, overrides) -> dict:
+    """--set of predict and submit, checked against the run's spec as `vlab validate` checks a file."""
+    from vesuvius_lab.core.inference.run_kinds import inference_overrides
+
+    return inference_overrides(path, _inference_overrides(overrides))
+
+
+def _inference_overrides(overrides) -> list[str]:
+    """--set texts of predict and submit: [inference] keys only (with or without the inference. prefix)."""
     from vesuvius_lab.core.config.experiment import parse_override
 
-    parsed = {}
     for text in overrides:
-        keys, value = parse_override(text)
+        keys, _ = parse_override(text)
         keys = keys[1:] if keys[0] == "inference" else keys
         if len(keys) != 1:
             raise UserError(f"--set {text}: only [inference] keys can be changed at prediction time, "
                             "e.g. --set inference.tta=['flip0'] or --set overlap=0.25.")
-        parsed[keys[0]] = value
-    return parsed
+    return list(overrides)
 
 
 class _volume_progress:
@@ -302,13 +429,18 @@ def plugins(ctx, group, as_json):
         keys = ("group", "name", "package", "version", "status", "summary")
         click.echo(json.dumps([{k: asdict(r)[k] for k in keys} for r in rows], indent=2))
         return
-    table = Table(title="vesuvius-lab plugins", title_justify="left")
-    for column in ("group", "name", "package", "status", "summary"):
-        table.add_column(column, overflow="fold")
+    from rich.text import Text
+
+    from vesuvius_lab.core.reports.tables import ESSENTIAL, KEY, OPTIONAL, WRAP, Col, FittedTable
+
+    # group, name, package whole, a broken plugin's error whole (wrapped between words); the summary
+    # shortened with "…" (to no less than 24 characters) or on a table below
+    table = FittedTable([Col("group", KEY), Col("name", KEY), Col("package", ESSENTIAL), Col("status", WRAP),
+                         Col("summary", OPTIONAL, min_width=24)], title="vesuvius-lab plugins")
     for row in rows:
-        status = "[green]ok[/]" if row.status == "ok" else f"[red]{_escape(row.status)}[/]"
-        table.add_row(row.group, row.name, f"{row.package} {row.version}", status, _escape(row.summary))
-    out.print(table)
+        status = Text(row.status, style="green" if row.status == "ok" else "red")
+        table.add_row(row.group, row.name, f"{row.package} {row.version}", status, row.summary)
+    out.print(table, crop=False)
 
 
 @plugins.command("show")
@@ -317,14 +449,16 @@ def plugins(ctx, group, as_json):
 def plugins_show(group, name):
     """Show a plugin's params with their types, defaults and help."""
     from vesuvius_lab.core import registry
+    from vesuvius_lab.core.reports.tables import KEY, WRAP, Col, FittedTable
 
     found = registry.load(group, name)
-    out.print(f"[bold]{registry.group_name(group)} / {name}[/]  {_escape(found.summary)}")
-    table = Table("param", "type", "default", "help")
+    out.print(f"[bold]{registry.group_name(group)} / {_escape(name)}[/]  {_escape(found.summary)}", soft_wrap=False)
+    # the param whole; its type, default and help wrapped between words when the page is narrow
+    table = FittedTable([Col("param", KEY), Col("type", WRAP), Col("default", WRAP), Col("help", WRAP)])
     for field_name, info in found.Params.model_fields.items():
         default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-        table.add_row(field_name, _type_name(info.annotation), _escape(default), _escape(info.description or ""))
-    out.print(table if found.Params.model_fields else "  (no params)")
+        table.add_row(field_name, _type_name(info.annotation), default, info.description or "")
+    out.print(table if found.Params.model_fields else "  (no params)", crop=False)
 
 
 def _type_name(annotation) -> str:
@@ -352,11 +486,14 @@ def _escape(text: str) -> str:
 @click.pass_obj
 def postprocess(obj: ProjectContext, experiment, input_dir, output_dir, overrides, uint8_probabilities):
     """Apply an experiment's [[postprocess]] chain to prediction TIFFs, writing uint8 masks."""
-    from vesuvius_lab.core.config.experiment import load_experiment
-    from vesuvius_lab.core.inference.postprocess import build_chain, postprocess_folder
+    from vesuvius_lab.core.config.checked import read_experiment
+    from vesuvius_lab.core.data.tiff import check_headers
+    from vesuvius_lab.core.inference.postprocess import (PREDICTION_DTYPES, build_chain, postprocess_folder,
+                                                         prediction_files)
 
     project = obj.project()
-    spec = load_experiment(experiment, list(overrides)).spec
+    spec = read_experiment(experiment, list(overrides)).spec
+    check_headers(prediction_files(Path(input_dir)), PREDICTION_DTYPES)  # every file, before one is written
     chain = build_chain(spec.postprocess, threshold=spec.inference.threshold,
                         device=project.settings.device, runs_dir=project.runs_dir)
     written = postprocess_folder(chain, Path(input_dir), Path(output_dir), uint8_probabilities=uint8_probabilities)
@@ -382,9 +519,24 @@ def data():
 @click.option("--scrolls", type=click.IntRange(min=1), default=3, show_default=True,
               help="Scrolls the training volumes are spread over.")
 @click.option("--test", "n_test", type=click.IntRange(min=1), default=2, show_default=True, help="Test volumes.")
+@click.option("--zarr", "zarr_out", type=click.Path(file_okay=False),
+              help="Instead of a dataset, write one whole synthetic scroll of --shape to this OME-Zarr (with its "
+                   "label under labels/surface), block by block.")
 @click.pass_obj
-def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test):
-    """Write a synthetic scroll dataset in the competition layout (images, labels, csv files)."""
+def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, zarr_out):
+    """Write a synthetic scroll dataset in the competition layout (images, labels, csv files), or with --zarr
+    one whole scroll as an OME-Zarr volume."""
+    if zarr_out:
+        if out_dir:
+            raise UserError("--zarr writes one volume and --out a dataset folder: give one of them.")
+        from vesuvius_lab.core.data.synthetic_zarr import LABEL_NAME, stored_chunks, write_scroll_zarr
+
+        path = write_scroll_zarr(Path(zarr_out), tuple(shape), seed=seed)
+        stored, grid = stored_chunks(path)
+        out.print(f"wrote a synthetic scroll of {'x'.join(map(str, shape))} voxels (uint8 OME-Zarr; {stored} of "
+                  f"{grid} chunks stored, the rest is air) to {_escape(str(path))} and its label to "
+                  f"{_escape(str(path / 'labels' / LABEL_NAME))}")
+        return
     from vesuvius_lab.core.data.synthetic import write_dataset
 
     target = Path(out_dir) if out_dir else obj.project().data_root
@@ -409,15 +561,17 @@ def data_check(obj: ProjectContext, root):
             err.print(f"[bold red]error[/] {_escape(problem)}")
         err.print(f"{len(report.problems)} problem(s) in {_escape(str(report.root))}.")
         sys.exit(2)
+    from vesuvius_lab.core.reports.tables import KEY, WRAP, Col, FittedTable
+
     summary = report.summary
-    table = Table(title=f"{report.root}: ok", title_justify="left", show_header=False)
+    table = FittedTable([Col("what", KEY), Col("found", WRAP)], title=f"{report.root}: ok", show_header=False)
     table.add_row("training volumes", str(summary.train))
     table.add_row("test volumes", str(summary.test))
     table.add_row("scrolls", ", ".join(f"{s} ({c})" for s, c in sorted(summary.scrolls.items())))
     table.add_row("shapes", ", ".join(f"{'x'.join(map(str, s))} ({c})" for s, c in summary.shapes.most_common()))
     fractions = summary.label_fractions
     table.add_row("label voxels", f"0: {fractions[0]:.1%}  1 surface: {fractions[1]:.1%}  2 unlabeled: {fractions[2]:.1%}")
-    out.print(table)
+    out.print(table, crop=False)
 
 
 # --------------------------------------------------------------------------- runs and the leaderboard
@@ -437,14 +591,19 @@ def data_check(obj: ProjectContext, root):
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Also write the table to this HTML file.")
 @click.option("--task", default="segmentation", show_default=True, type=click.Choice(["segmentation", "hole_stitching"]),
               help="Rank the runs of this [data] task; scores of different tasks are not comparable.")
+@click.option("--wide", is_flag=True, help="One table with every column and every differing setting whole, "
+                                           "however wide (for logs, `less -S`).")
 @click.pass_obj
-def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, baseline, fmt, html_file, task):
+def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, baseline, fmt, html_file, task, wide):
     """Rank experiments by score, folds aggregated (mean ± std, n), and show what differs between them.
 
     \b
     Columns: plugins, score and its parts, Δ to the best (or --baseline), epochs, wall time,
     parameters, git commit, then every setting that differs between the rows shown. Failed,
     killed, unfinished runs and experiments with missing folds are listed below the table.
+    The table fits the terminal (COLUMNS, or 120 columns in a log): rank, experiment, scores
+    (mean ± std) and folds are never shortened and come first; settings that do not fit whole
+    move to a table below, keyed by rank and experiment. --wide: one table, everything whole.
     \b
     --filter KEY OP VALUE (several: all must hold); KEY is a column (score, topo, dice, voi,
     model, loss, blend, postprocess, experiment, epochs, wall_time, params) or a spec key
@@ -457,7 +616,7 @@ def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, base
 
     board = build_leaderboard(Path(runs_dir) if runs_dir else obj.project().runs_dir, per_run=per_run, sort=sort,
                               filters=filters, top=top, baseline=baseline, task=task)
-    print_leaderboard(board, out, err, fmt)
+    print_leaderboard(board, out, err, fmt, wide=wide)
     if html_file:
         write_text_atomic(Path(html_file), html_page(board))
         err.print(f"wrote {_escape(html_file)}")
@@ -466,15 +625,18 @@ def leaderboard(obj: ProjectContext, runs_dir, per_run, sort, filters, top, base
 @cli.command()
 @click.argument("run_a")
 @click.argument("run_b")
+@click.option("--wide", is_flag=True, help="Every table whole on one line per row, however wide.")
 @click.pass_obj
-def compare(obj: ProjectContext, run_a, run_b):
+def compare(obj: ProjectContext, run_a, run_b, wide):
     """Compare two runs (folders, or <experiment>/<run-id> in the runs dir): settings and per-volume scores."""
-    from vesuvius_lab.core.reports.compare import compare_runs, tables
+    from vesuvius_lab.core.reports.compare import compare_runs, legend, tables
     from vesuvius_lab.core.runs.records import resolve_run
 
     runs_dir = obj.project().runs_dir
-    for table in tables(compare_runs(resolve_run(run_a, runs_dir), resolve_run(run_b, runs_dir))):
-        out.print(table)
+    comparison = compare_runs(resolve_run(run_a, runs_dir), resolve_run(run_b, runs_dir))
+    out.print(legend(comparison))
+    for table in tables(comparison, wide=wide):
+        out.print(table, crop=False)
 
 
 @cli.command()
@@ -597,7 +759,7 @@ def evaluate(pred, label, as_json, workers):
         if as_json:
             click.echo(json.dumps(scores_json(result.scores), indent=2))
         else:
-            out.print(scores_table(result.scores))
+            out.print(scores_table(result.scores), crop=False)
     if result.problems:
         raise UserError(f"{len(result.problems)} volume(s) could not be scored:\n  " + "\n  ".join(result.problems))
 

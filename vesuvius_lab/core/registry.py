@@ -38,7 +38,12 @@ What each group's factory returns:
                   declares an ``inputs`` keyword also gets the network's input batch
   blenders        a float32 numpy weight map of the window's shape, strictly positive
   postprocessors  a callable ``(volume (D, H, W) numpy) -> numpy``: surface probabilities
-                  (float32) or a mask (uint8) in, probabilities or a mask out
+                  (float32) or a mask (uint8) in, probabilities or a mask out. A post-processor
+                  also says, with ``halo=``, what context it needs to give on a block of a large
+                  volume the same result as on the whole volume: a number of voxels (a filter's
+                  radius; 0 for a voxel-wise step), ``"global"`` (connected components, anything
+                  that looks at the whole volume), or a function of its params returning either.
+                  A post-processor that says nothing is taken as ``"global"``.
   trackers        (``runs_dir`` is the project's runs folder) an object with ``start(run_dir,
                   params)``, ``log_metrics(metrics, step)``, ``log_artifact(path)`` and
                   ``finish(summary, status)``: the :class:`vesuvius_lab.core.training.tracking.Tracker`
@@ -53,7 +58,7 @@ import importlib
 import importlib.metadata as metadata
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -78,6 +83,11 @@ class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: What a post-processor needs around a block: a halo in voxels, or "global" (the whole volume at once).
+Halo = Union[int, Literal["global"]]
+GLOBAL = "global"
+
+
 #: A check receives the validated params and the whole experiment spec and yields problems as
 #: ``(key path relative to the plugin's table, message)``; used by ``vlab validate`` for
 #: constraints that depend on the rest of the experiment (e.g. a window the network cannot take).
@@ -86,12 +96,22 @@ Check = Callable[[BaseModel, Any], Iterable[tuple[str, str]]]
 
 @dataclass(frozen=True)
 class Plugin:
-    """A plugin: its params model, its factory, a one-line summary and an optional spec check."""
+    """A plugin: its params model, its factory, a one-line summary, an optional spec check and (for a
+    post-processor) the halo it needs on a block."""
 
     Params: type[BaseModel]
     factory: Callable[..., Any]
     summary: str = ""
     check: Check | None = None
+    halo: Halo | Callable[[BaseModel], Halo] = GLOBAL
+
+    def halo_of(self, params: BaseModel | dict | None = None) -> Halo:
+        """The halo for these params: voxels a block must be read beyond its core, or ``"global"``."""
+        if not callable(self.halo):
+            return self.halo
+        if not isinstance(params, self.Params):
+            params = self.Params.model_validate(params or {})
+        return self.halo(params)
 
     def build(self, params: BaseModel | dict | None = None, **context: Any) -> Any:
         if not isinstance(params, self.Params):
@@ -104,13 +124,13 @@ class Plugin:
         return self.factory(params, **context)
 
 
-def plugin(params: type[BaseModel] = NoParams, *, summary: str | None = None,
-           check: Check | None = None) -> Callable[[Callable[..., Any]], Plugin]:
+def plugin(params: type[BaseModel] = NoParams, *, summary: str | None = None, check: Check | None = None,
+           halo: Halo | Callable[[BaseModel], Halo] = GLOBAL) -> Callable[[Callable[..., Any]], Plugin]:
     """Decorator turning a factory function into a :class:`Plugin` (summary: its docstring's first line)."""
 
     def wrap(factory: Callable[..., Any]) -> Plugin:
         doc = (factory.__doc__ or "").strip().splitlines()
-        return Plugin(params, factory, summary if summary is not None else (doc[0] if doc else ""), check)
+        return Plugin(params, factory, summary if summary is not None else (doc[0] if doc else ""), check, halo)
 
     return wrap
 

@@ -117,7 +117,7 @@ def hysteresis(probabilities: Volume, low: float, high: float, connectivity: int
     return keep[labels]
 
 
-@plugin(ThresholdParams)
+@plugin(ThresholdParams, halo=lambda p: "global" if p.low is not None else 0)  # hysteresis: components
 def threshold(params: ThresholdParams, *, threshold: float = 0.5, **context) -> Step:
     """Probabilities to a mask: one threshold, or hysteresis (weak voxels kept when connected to strong ones)."""
 
@@ -219,7 +219,7 @@ def fill_holes_slices(mask: np.ndarray, axis: int = 0, max_voxels: int | None = 
     return np.ascontiguousarray(np.moveaxis(out, 0, axis)).astype(np.uint8)
 
 
-@plugin(FillHolesParams)
+@plugin(FillHolesParams, halo=lambda p: 2 * p.radius if p.mode == "closing" else "global")
 def fill_holes(params: FillHolesParams, *, threshold: float = 0.5, **context) -> Step:
     """Fill holes: enclosed 3D cavities, enclosed holes in 2D slices, or gaps in sheets by closing."""
 
@@ -242,13 +242,13 @@ class MorphologyParams(_Params):
     iterations: int = Field(1, ge=1, le=32, description="How many times the ball is applied.")
 
 
-@plugin(MorphologyParams)
+@plugin(MorphologyParams, halo=lambda p: p.radius * p.iterations)
 def dilate(params: MorphologyParams, *, threshold: float = 0.5, **context) -> Step:
     """Grow the mask by a ball of radius r, iterations times (thickens sheets)."""
     return lambda volume: dilate_mask(to_mask(volume, threshold), params.radius, params.iterations)
 
 
-@plugin(MorphologyParams)
+@plugin(MorphologyParams, halo=lambda p: p.radius * p.iterations)
 def erode(params: MorphologyParams, *, threshold: float = 0.5, **context) -> Step:
     """Shrink the mask by a ball of radius r, iterations times (the volume's faces do not erode)."""
     return lambda volume: erode_mask(to_mask(volume, threshold), params.radius, params.iterations)
@@ -276,7 +276,7 @@ def median3(volume: Volume, iterations: int = 1) -> np.ndarray:
     return volume
 
 
-@plugin(MedianParams)
+@plugin(MedianParams, halo=lambda p: p.iterations)
 def median(params: MedianParams, **context) -> Step:
     """Iterated 3x3x3 median: smooths probabilities (stay probabilities) or masks (majority vote)."""
     return lambda volume: median3(volume, params.iterations)

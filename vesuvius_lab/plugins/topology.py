@@ -189,7 +189,7 @@ def _drop_touching(owners, labels):
                     owners[z, y, x] = 0
 
 
-@plugin(CloseParams)
+@plugin(CloseParams, halo=lambda p: "global" if p.per_component else 2 * max(p.radius_depth, p.radius_plane))
 def close(params: CloseParams, *, threshold: float = 0.5, **context) -> Step:
     """Closing by a box with its own radius along depth and in-plane; per_component never joins sheets."""
     sizes = box_sizes(params.radius_depth, params.radius_plane)
@@ -588,7 +588,7 @@ def sheetness_map(volume: np.ndarray, sigmas, slab: int = 64) -> np.ndarray:
     return np.clip(out, 0, 1, out=out)
 
 
-@plugin(SheetnessParams)
+@plugin(SheetnessParams, halo=lambda p: max(int(4.0 * s + 0.5) for s in p.sigmas))  # gaussian radius
 def sheetness(params: SheetnessParams, **context) -> Step:
     """Hessian plate enhancement: raises sheet-like probabilities over blobs and tubes (probabilities out)."""
 
@@ -610,7 +610,7 @@ class SmoothParams(_Params):
                                                                        "axis [depth, height, width].")
 
 
-@plugin(SmoothParams)
+@plugin(SmoothParams, halo=lambda p: max(int(4.0 * s + 0.5) for s in (p.sigma if isinstance(p.sigma, tuple) else (p.sigma,))))
 def smooth(params: SmoothParams, **context) -> Step:
     """Gaussian smoothing of probabilities (a mask counts as 0/1 probabilities); probabilities out."""
     from scipy import ndimage

@@ -52,3 +52,10 @@ class SelfTrainingModel(Protocol):
 #: leaderboard, ``vlab compare`` and run reports show it instead of the ``[[loss]]`` or blender the
 #: backend never used. It is not part of the protocol, so backends without it still qualify.
 COMPONENT_KEYS = ("loss", "blend")
+
+#: Optional too: ``window_model()`` returning ``(network, inference)``: a callable from float windows
+#: (B, 1, d, h, w) with intensities scaled to [0, 1] (uint8 / 255) to logits (B, 1 or 2, d, h, w), with the
+#: backend's own intensity normalisation inside, and an object with the ``[inference]`` keys of
+#: :class:`~vesuvius_lab.core.config.spec.InferenceSpec` (window, overlap, blend, batch_size, tta, axes) it is
+#: predicted with. With it, ``vlab predict --output OUT.zarr`` predicts volumes of any size block by block
+#: through the core's sliding windows; without it, such a run predicts whole volumes only.

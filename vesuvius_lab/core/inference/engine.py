@@ -291,18 +291,13 @@ def _batches(windows: list[Slices3], batch_size: int) -> Iterator[list[Slices3]]
         yield windows[start:start + batch_size]
 
 
-def _blend_one_axis(volume: "torch.Tensor", predictor: Predictor, *, window: Shape3,
-                    overlap: tuple[float, float, float], weights: "torch.Tensor", batch_size: int,
-                    variants, scale: float, advance: Callable[[], None]) -> "torch.Tensor":
-    """Blended predictions (C, D, H, W) float32 of a (D, H, W) volume whose depth axis is axis 0."""
+def _accumulate(volume: "torch.Tensor", windows: list[Slices3], predictor: Predictor, *, window: Shape3,
+                weights: "torch.Tensor", batch_size: int, variants, scale: float,
+                advance: Callable[[], None]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The weighted sum (C, *volume.shape) of the predictions of ``windows`` (slices of ``volume``, in C order)
+    and the sum of their weights. Block-wise prediction calls it with the windows that touch a block, in the
+    same order, so every voxel sums the same terms in the same order as over the whole volume."""
     import torch
-
-    pads = padding(volume.shape, window)
-    if any(before or after for before, after in pads):
-        padded = volume.new_zeros([n + before + after for n, (before, after) in zip(volume.shape, pads)])
-        padded[tuple(slice(before, before + n) for n, (before, _) in zip(volume.shape, pads))] = volume
-        volume = padded
-    windows = tile(volume.shape, window, overlap)
 
     weight_sum = torch.zeros(volume.shape, dtype=torch.float32, device=volume.device)
     for where in windows:
@@ -321,6 +316,21 @@ def _blend_one_axis(volume: "torch.Tensor", predictor: Predictor, *, window: Sha
         for output, where in zip(outputs, group):
             blended[(slice(None), *where)].addcmul_(output, weights)
         advance()
+    return blended, weight_sum
+
+
+def _blend_one_axis(volume: "torch.Tensor", predictor: Predictor, *, window: Shape3,
+                    overlap: tuple[float, float, float], weights: "torch.Tensor", batch_size: int,
+                    variants, scale: float, advance: Callable[[], None]) -> "torch.Tensor":
+    """Blended predictions (C, D, H, W) float32 of a (D, H, W) volume whose depth axis is axis 0."""
+    pads = padding(volume.shape, window)
+    if any(before or after for before, after in pads):
+        padded = volume.new_zeros([n + before + after for n, (before, after) in zip(volume.shape, pads)])
+        padded[tuple(slice(before, before + n) for n, (before, _) in zip(volume.shape, pads))] = volume
+        volume = padded
+    blended, weight_sum = _accumulate(volume, tile(volume.shape, window, overlap), predictor, window=window,
+                                      weights=weights, batch_size=batch_size, variants=variants, scale=scale,
+                                      advance=advance)
     blended /= weight_sum
     del weight_sum
     return blended[(slice(None), *(slice(before, n - after) for n, (before, after) in zip(volume.shape, pads)))]

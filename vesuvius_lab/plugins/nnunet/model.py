@@ -135,6 +135,25 @@ class NnUNetModel:
             raise RuntimeError("call load(run_dir, device) before predict_probabilities")
         return self._runner.predict_probabilities(volume)
 
+    def window_model(self) -> tuple[Any, Any]:
+        """The network as a window predictor and the ``[inference]`` it is blended with, for block-wise
+        prediction of large volumes by the core's sliding windows: the plan's patch, the run's overlap and
+        blender (nnU-Net's Gaussian is the core's with sigma_scale 1/8), its mirror axes as the core's flips
+        (each flip alone, not every combination as nnU-Net mirrors)."""
+        from vesuvius_lab.core.config.spec import InferenceSpec
+
+        if self._runner is None:
+            raise RuntimeError("call load(run_dir, device) before window_model")
+        logits, patch = self._runner.window_network()
+        settings, forward = self._runner.settings, self._runner.predictor.plans_manager.transpose_forward
+        flips = sorted(forward[a] for a in self._runner.mirror_axes or ()) if settings.use_mirroring else []
+        inference = InferenceSpec(
+            window=patch, overlap=round(1.0 - settings.tile_step_size, 6),
+            blend={"plugin": "gaussian" if settings.use_gaussian else "mean"},
+            batch_size=self.inference.batch_size if self.inference is not None else 2,
+            tta=[f"flip{axis}" for axis in flips], axes=[0])
+        return logits, inference
+
 
 #: nnU-Net's SGD momentum; it averages the gradients of about 1 / (1 - 0.99) = 100 steps.
 NNUNET_MOMENTUM = 0.99

@@ -115,6 +115,38 @@ class NnUNetPredictorRunner:
                 device=torch.device(device), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         self.predictor.manual_initialization(network, plans_manager, configuration, [saved["network_weights"]],
                                              dataset_json, saved["trainer_name"], axes)
+        self.settings = settings
+        self.mirror_axes = axes  # nnU-Net's frame
+
+    def window_network(self) -> tuple[Any, tuple[int, int, int]]:
+        """nnU-Net's network behind its intensity normalisation, as a window predictor for the core's sliding
+        windows (block-wise prediction of large volumes), and its patch in our (D, H, W) frame.
+
+        Windows come scaled to [0, 1] (uint8 / 255); the network sees them as its preprocessing would: the
+        CT normalisation (clip to the training foreground's 0.5 and 99.5 percentiles, z-score with its mean
+        and std; voxel-wise, so a block gives what the whole volume gives) and its axis order.
+        """
+        predictor = self.predictor
+        scheme = predictor.configuration_manager.normalization_schemes[0]
+        if scheme != "CTNormalization":
+            raise UserError(f"this nnU-Net run normalises intensities with {scheme}, which depends on the whole "
+                            "image; block-wise prediction needs CTNormalization (the one vesuvius-lab plans with).")
+        properties = predictor.plans_manager.foreground_intensity_properties_per_channel["0"]
+        low, high = float(properties["percentile_00_5"]), float(properties["percentile_99_5"])
+        mean, std = float(properties["mean"]), max(float(properties["std"]), 1e-8)
+        forward = tuple(predictor.plans_manager.transpose_forward)
+        backward = tuple(predictor.plans_manager.transpose_backward)
+        network = predictor.network.eval()
+
+        def logits(windows):
+            x = (windows * 255).clamp_(low, high).sub_(mean).div_(std)
+            out = network(x.permute(0, 1, *(2 + a for a in forward)))
+            return out.permute(0, 1, *(2 + a for a in backward))
+
+        patch = [0, 0, 0]
+        for theirs, ours in enumerate(forward):
+            patch[ours] = int(predictor.configuration_manager.patch_size[theirs])
+        return logits, tuple(patch)
 
     def predict_probabilities(self, volume: np.ndarray) -> np.ndarray:
         """Surface probability per voxel, float32 (D, H, W), through nnU-Net's preprocessing and sliding window."""

@@ -1,0 +1,166 @@
+"""Whole volumes, block by block: memory that does not grow with the volume, throughput against the
+in-memory sliding window, the compute that halos repeat, the share of blocks skipped, resume overhead.
+
+For each size (0.25 G and 1 G voxels by default) a synthetic scroll OME-Zarr is written (`vlab data synth
+--zarr`), then predicted by `vlab predict RUN --input X --output Y.zarr` with the default block, each in
+its own process whose peak resident memory is read from the kernel (wait4). Then:
+
+- the same command with --resume on the finished output (what a rerun costs when nothing is left);
+- the compute halos repeat: the windows all blocks predict over the windows the whole volume has;
+- throughput against the peer: a cube cut from the scroll (side --reference, all scroll) predicted in
+  memory by `sliding_window` (through the run, as `vlab predict` does for a TIFF) and block-wise with
+  the default block and no support mask, in the same process, voxels per second of each.
+
+    python benchmarks/large_volume.py --run quick-unet25d                   # trains nothing: give a run
+    python benchmarks/large_volume.py --run quick-unet25d --sizes 0.25 --reference 256   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _summary
+
+SHAPES = {"0.25": (256, 1024, 1024), "1": (1024, 1024, 1024)}
+
+
+def measured(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident MiB of a child process (its own, from wait4)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(command)}\n"
+                         f"{process.stderr.read().decode(errors='replace')[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def vlab(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", *args]
+
+
+def block_counts(output: Path) -> tuple[int, int]:
+    records = [json.loads(p.read_text()) for p in (output / ".vlab" / "done").glob("*.json")]
+    return sum(r["predicted"] for r in records), sum(not r["predicted"] for r in records)
+
+
+def halo_repeat(run: Path, shape) -> tuple[int, float]:
+    """(blocks, windows of all blocks / windows of the whole volume) with the default block."""
+    from vesuvius_lab.core.inference.blocks import BlockPlan, Box, halo_windows
+    from vesuvius_lab.core.inference.run_kinds import load_run
+    from vesuvius_lab.core.inference.volume_predict import DEFAULT_CHUNK, default_block
+
+    spec = load_run(run).spec
+    block = default_block(spec.inference, spec.inference_window, DEFAULT_CHUNK, None)
+    plan = BlockPlan(tuple(shape), Box.of_shape(shape), block)
+    blocks = sum(halo_windows(b.core, shape, spec.inference, spec.inference_window) for b in plan.blocks())
+    return len(plan), blocks / halo_windows(Box.of_shape(shape), shape, spec.inference, spec.inference_window)
+
+
+def reference_cube(scroll: Path, side: int, folder: Path) -> Path:
+    """A cube of the scroll's middle (all papyrus) as its own zarr, for the in-memory peer."""
+    import zarr
+
+    from vesuvius_lab.core.data.volumes import open_volume
+
+    source = open_volume(scroll)
+    middle = [n // 2 for n in source.shape]
+    box = tuple(slice(max(0, m - side // 2), max(0, m - side // 2) + min(side, n)) for m, n in zip(middle, source.shape))
+    cube = source.read(box)
+    path = folder / "cube.zarr"
+    array = zarr.create_array(path, shape=cube.shape, chunks=(128, 128, 128), dtype="uint8", zarr_format=2)
+    array[:] = cube
+    return path
+
+
+def peer_ratio(run: Path, cube: Path, folder: Path) -> dict:
+    """Voxels per second: sliding_window in memory against blocks (default block, no support mask)."""
+    from vesuvius_lab.core.data.volumes import open_volume
+    from vesuvius_lab.core.inference.run_kinds import load_run
+
+    source = open_volume(cube)
+    volume = source.read(tuple(slice(0, n) for n in source.shape))
+    predictor = load_run(run)
+    started = time.perf_counter()
+    predictor.probabilities(volume)
+    in_memory = time.perf_counter() - started
+    from vesuvius_lab.core.inference.volume_predict import VolumeRequest, pending_blocks, predict_blocks, prepare
+
+    request = VolumeRequest(input=str(cube), output=folder / "cube-out.zarr", probabilities=True, support="none",
+                            force=True)
+    started = time.perf_counter()
+    prepared = prepare(predictor, request)  # reading from and writing to zarr included, the pyramid not
+    predict_blocks(prepared, pending_blocks(prepared))
+    blocks = time.perf_counter() - started
+    return {"voxels": volume.size, "in_memory_s": in_memory, "blocks_s": blocks, "blocks": len(prepared.plan)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a run folder or experiment name (e.g. quick-unet25d)")
+    parser.add_argument("--sizes", nargs="+", default=["0.25", "1"], choices=sorted(SHAPES), help="G voxels")
+    parser.add_argument("--reference", type=int, default=320, help="side of the in-memory peer's cube")
+    parser.add_argument("--workdir", help="where the volumes go (default: a temporary folder, removed after)")
+    _summary.add_argument(parser)
+    args = parser.parse_args()
+
+    from vesuvius_lab.core.config.project import load_project
+    from vesuvius_lab.core.runs.records import resolve_run
+
+    run = resolve_run(args.run, load_project(None).runs_dir).path
+    folder = Path(args.workdir or tempfile.mkdtemp(prefix="vlab-large-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, summary = [], []
+    try:
+        for size in args.sizes:
+            shape = SHAPES[size]
+            scroll, out = folder / f"scroll-{size}.zarr", folder / f"surface-{size}.zarr"
+            shutil.rmtree(out, ignore_errors=True)
+            write_s, write_mib = measured(vlab("data", "synth", "--zarr", str(scroll), "--shape", *map(str, shape)))
+            predict_s, predict_mib = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(out)))
+            resume_s, _ = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(out), "--resume"))
+            predicted, empty = block_counts(out)
+            blocks, repeat = halo_repeat(run, shape)
+            voxels = math.prod(shape)
+            rows.append((size, shape, write_s, write_mib, predict_s, predict_mib, voxels / predict_s, predicted,
+                         empty, repeat, resume_s))
+            summary.append(_summary.row("large_volume", f"peak memory, {size} G voxels", predict_mib, "MiB"))
+            summary.append(_summary.row("large_volume", f"skipped blocks, {size} G voxels", empty / (predicted + empty),
+                                        "share"))
+        cube = reference_cube(folder / f"scroll-{args.sizes[0]}.zarr", args.reference, folder)
+        peer = peer_ratio(run, cube, folder)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    print(f"run {run}, {os.cpu_count()} CPU core(s), torch threads as set by OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print("| volume (G voxels) | shape | write s | write peak MiB | predict s | predict peak MiB | voxels/s | "
+          "blocks predicted | blocks skipped | windows repeated by halos | --resume s (all done) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size, shape, write_s, write_mib, predict_s, predict_mib, rate, predicted, empty, repeat, resume_s in rows:
+        print(f"| {size} | {'x'.join(map(str, shape))} | {write_s:.0f} | {write_mib:.0f} | {predict_s:.0f} | "
+              f"{predict_mib:.0f} | {rate / 1e6:.2f} M | {predicted} | {empty} | {repeat - 1:+.1%} | {resume_s:.1f} |")
+    ratio = peer["in_memory_s"] / peer["blocks_s"]
+    print(f"\nthroughput on a {round(peer['voxels'] ** (1 / 3))}^3 cube of scroll: in memory "
+          f"{peer['voxels'] / peer['in_memory_s'] / 1e6:.2f} M voxels/s (sliding_window), blocks "
+          f"{peer['voxels'] / peer['blocks_s'] / 1e6:.2f} M voxels/s ({peer['blocks']} block(s), zarr in and out): "
+          f"{ratio:.2f}x (goal >= 0.9x)")
+    summary.append(_summary.row("large_volume", "throughput, blocks / in memory", peer["voxels"] / peer["blocks_s"],
+                                "voxels/s", peer=peer["voxels"] / peer["in_memory_s"], peer_name="sliding_window",
+                                target=">= 0.9"))
+    _summary.write(args.summary, summary)
+
+
+if __name__ == "__main__":
+    main()
