@@ -302,7 +302,8 @@ def _provenance(predictor: RunPredictor, request: VolumeRequest, parts: dict) ->
     return {"run": str(predictor.run.path), "experiment": predictor.spec.name, "kind": predictor.kind,
             "checkpoint": request.checkpoint, "run_digest": parts["run_digest"], "output": parts["output"],
             "threshold": parts["threshold"], "chain": parts["chain"], "inference": parts["inference"],
-            "input": parts["input"], "support": parts["support"], "values": (
+            "input": parts["input"], "support": parts["support"], "spec": predictor.spec.model_dump(mode="json"),
+            "values": (
                 "probability x 255" if request.probabilities else "mask: 0 background, 255 surface"),
             "version": __version__, "created": _now()}
 
