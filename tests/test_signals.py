@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import tiny_experiment
+from test_tune import TUNE  # the same [tune] table as the tune tests
 
 from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.data.tiff import read_volume
@@ -71,17 +72,6 @@ def test_a_wait_on_children_passes_every_signal_on_and_never_stops_at_once(monke
 
 # --------------------------------------------------------------------------- vlab tune
 
-TUNE = """
-[[postprocess]]
-plugin = "threshold"
-params = { value = 0.5 }
-[[postprocess]]
-plugin = "remove_small_components"
-params = { min_voxels = 10 }
-[tune]
-"postprocess.0.params.value" = { low = 0.05, high = 0.95 }
-"postprocess.1.params.min_voxels" = { low = 1, high = 2000, log = true }
-"""
 TRIALS = 8
 
 
