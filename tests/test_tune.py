@@ -348,3 +348,21 @@ def test_a_tuned_run_predicts_blocks_as_the_mean_of_its_source_runs(tuned, synth
     for block in BlockPlan(volume.shape, Box.of_shape(volume.shape), (16, 24, 32)).blocks():
         blocks[block.core.slices] = predictor.blocks(ArrayReader(volume), block.core)
     assert np.abs(blocks - whole).max() <= 1e-5
+
+
+def test_the_tuned_file_of_an_ensemble_names_the_members_of_the_run_it_was_tuned_on(tmp_path):
+    """`vlab ensemble FILE --top 2` may combine other members than FILE lists: the tuned file must name those."""
+    from vesuvius_lab.core.tuning.tuner import write_tuned_file
+
+    file = tmp_path / "ens.toml"
+    file.write_text('name = "ens"\n[ensemble]\nmembers = [{ experiment = "a" }, { experiment = "b" }]\n'
+                    '[[postprocess]]\nplugin = "threshold"\nparams = { value = 0.5 }\n')
+    tuned = load_experiment(file).spec.model_copy(deep=True)
+    tuned = tuned.model_copy(update={"ensemble": tuned.ensemble.model_copy(update={"members": [
+        tuned.ensemble.members[0].model_copy(update={"experiment": "c", "folds": [0]}), tuned.ensemble.members[1]]})})
+    record = {"trials": 3, "cases": [], "sources": ["runs/ens/fold0-1"], "cross_validated": None, "untuned": 0.5,
+              "in_sample": 0.5}
+    written = load_experiment(write_tuned_file(file, tuned, record, Run(tmp_path / "run"))).spec
+    assert [(m.experiment, m.folds) for m in written.ensemble.members] == [("c", [0]), ("b", "all")]
+    untouched = write_tuned_file(file, load_experiment(file).spec, record, Run(tmp_path / "run"))
+    assert "[ensemble]" not in untouched.read_text()  # the file's own members: inherited through extends

@@ -180,6 +180,10 @@ def write_tuned_file(file: Path, tuned: Experiment, record: dict, run: Run) -> P
         "[inference]",
         f"threshold = {toml_value(tuned.inference.threshold)}",
     ]
+    if tuned.ensemble is not None and tuned.ensemble != load_experiment(file).spec.ensemble:
+        ensemble = tuned.ensemble.model_dump(mode="json", exclude_none=True)
+        lines += ["", "[ensemble]  # the members of the ensemble run that was tuned"] + [
+            f"{key} = {toml_value(value)}" for key, value in ensemble.items()]
     for step in tuned.postprocess:
         lines += ["", "[[postprocess]]", f"plugin = {toml_value(step.plugin)}",
                   f"params = {toml_value(step.params)}"]
@@ -196,7 +200,12 @@ def _target(target: str, project: Project, overrides: list[str]) -> tuple[Experi
     path = Path(target)
     if path.suffix == ".toml":  # a file, checked exactly as `vlab validate` checks it
         spec = project.resolve(read_experiment(path, overrides).spec)
-        return spec, path, source_runs(spec, project.runs_dir)
+        sources = source_runs(spec, project.runs_dir)
+        if spec.ensemble is not None and len(sources) == 1:
+            # The ensemble run tuned on may have combined other members than the file lists (`vlab ensemble
+            # --top N`, --set): the tuned spec and file name what was really combined.
+            spec = spec.model_copy(update={"ensemble": read_spec(sources[0]).ensemble})
+        return spec, path, sources
     if overrides:
         raise UserError(f"--set {overrides[0]}: a run is tuned with the [tune] table it recorded; --set applies to "
                         "an experiment file. Tune the file instead, or edit its [tune] table.")
