@@ -2,7 +2,7 @@
 in-memory sliding window, the compute that halos repeat, the share of blocks skipped, resume overhead.
 
 For each size (0.25 G and 1 G voxels by default) a synthetic scroll OME-Zarr is written (`vlab data synth
---zarr`), then predicted by `vlab predict RUN --input X --output Y.zarr` with the default block, each in
+--zarr`), then predicted by `vlab predict RUN --input X --output Y.zarr --probabilities` with the default block, each in
 its own process whose peak resident memory is read from the kernel (wait4). Then:
 
 - the same command with --resume on the finished output (what a rerun costs when nothing is left);
@@ -127,8 +127,11 @@ def main() -> None:
             scroll, out = folder / f"scroll-{size}.zarr", folder / f"surface-{size}.zarr"
             shutil.rmtree(out, ignore_errors=True)
             write_s, write_mib = measured(vlab("data", "synth", "--zarr", str(scroll), "--shape", *map(str, shape)))
-            predict_s, predict_mib = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(out)))
-            resume_s, _ = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(out), "--resume"))
+            # Probabilities: the quick models' chains hold global steps (connected components), which need
+            # the pass over the whole written output, not blocks.
+            predict = vlab("predict", str(run), "--input", str(scroll), "--output", str(out), "--probabilities")
+            predict_s, predict_mib = measured(predict)
+            resume_s, _ = measured(predict + ["--resume"])
             predicted, empty = block_counts(out)
             blocks, repeat = halo_repeat(run, shape)
             voxels = math.prod(shape)

@@ -242,3 +242,29 @@ def test_a_chain_with_a_global_step_is_refused_with_the_way_to_go_on(tiny_run, s
     assert "remove_small_components" in error and "--probabilities" in error and "global pass" in error
     assert not out.exists()
     assert predict(copy, scroll, out, *SMALL, "--probabilities") == 0
+
+
+def test_a_volume_served_over_http_predicts_as_the_local_one(tiny_run, scroll, tmp_path):
+    """A real HTTP server on 127.0.0.1 serves the scroll's folder; the prediction read through it equals
+    the local one (the ROI of a remote scroll, as users predict them)."""
+    import functools
+    import http.server
+    import threading
+
+    from test_volumes import _RangeHandler  # Python's file server with byte ranges, as object stores serve
+
+    handler = functools.partial(_RangeHandler, directory=str(scroll.parent))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{scroll.name}"
+        local, remote = tmp_path / "local.zarr", tmp_path / "remote.zarr"
+        assert predict(tiny_run, scroll, local, *SMALL, "--bbox", "8:40,16:48,:") == 0
+        assert predict(tiny_run, url, remote, *SMALL, "--bbox", "8:40,16:48,:") == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+    assert level(local).any() and np.array_equal(level(remote), level(local))
+    assert zarr.open_group(remote, mode="r").attrs["vesuvius_lab"]["input"]["location"] == url
