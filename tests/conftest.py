@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -99,6 +101,34 @@ def start_vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.fixture
+def vlab_here(capsys, monkeypatch):
+    """``vlab_here(args, cwd=None, **env)``: `vlab ARGS` run inside this process, as a CompletedProcess of its
+    exit status, stdout and stderr. Far cheaper than a subprocess (nothing to import again), for checks of
+    what a command says and exits with; an exception that is not a user's mistake propagates, as the
+    traceback a subprocess would print. The working directory and environment are the call's only."""
+    from vesuvius_lab.cli import main
+
+    def run(args: list[str], cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with monkeypatch.context() as patch:
+            for name in ("VLAB_DATA", "VLAB_RUNS"):  # --data and --runs write them; undone after the call
+                patch.setenv(name, os.environ.get(name, ""))  # empty = unset
+            for name, value in env.items():
+                patch.setenv(name, value)
+            if cwd is not None:
+                patch.chdir(cwd)
+            try:
+                main([str(arg) for arg in args])
+                code = 0
+            except SystemExit as stopped:
+                code = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["vlab", *args], code, captured.out, captured.err)
+
+    return run
+
+
 def only_run(runs: Path) -> Run:
     (run,) = find_runs(runs)
     return run
@@ -113,3 +143,31 @@ def wait_for_epochs(run_parent: Path, epochs: int, process: subprocess.Popen, ti
         assert process.poll() is None, process.communicate()
         time.sleep(0.02)
     raise AssertionError("training did not reach the epoch in time")
+
+
+def copy_run(run: Run, runs: Path) -> Run:
+    """A copy of ``run`` in the runs folder ``runs`` (same experiment and id), free to resume or damage."""
+    target = runs / run.experiment / run.id
+    shutil.copytree(run.path, target)
+    return Run(target)
+
+
+#: The experiment of ``killed_run``: three epochs of a few iterations, so that epochs 2 and 3 leave time
+#: to kill the process in, and resuming it stays cheap.
+KILLED = {"epochs": 3, "iterations": 8}
+
+
+@pytest.fixture(scope="session")
+def killed_run(synth_data, tmp_path_factory) -> Run:
+    """A run of ``experiment(folder, **KILLED)`` whose `vlab train` process got SIGKILL once epoch 1 was
+    recorded (epoch 2 had just begun). Session-shared: resume or damage a ``copy_run`` of it."""
+    root = tmp_path_factory.mktemp("killed")
+    process = start_vlab(["train", str(experiment(root, **KILLED))], synth_data, root / "runs")
+    try:
+        run = wait_for_epochs(root / "runs", 1, process)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert len(run.metrics()) < KILLED["epochs"] and (run.checkpoints / "last.pt").is_file()
+    return run

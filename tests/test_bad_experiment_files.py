@@ -55,120 +55,120 @@ def symlink_loop(path: Path) -> Path:
 # --------------------------------------------------------------------------- text that is not UTF-8
 
 
-def test_experiment_file_that_is_not_utf8(tmp_path, cwd):
+def test_experiment_file_that_is_not_utf8(tmp_path, cwd, vlab_here):
     path = tmp_path / "latin1.toml"
     path.write_bytes(LATIN1)
-    result = vlab(["validate", str(path)], cwd)
+    result = vlab_here(["validate", str(path)], cwd)
     assert_clear_failure(result, f"{path}:2: not UTF-8 text")
     assert "byte 29 (0xe9)" in result.stderr and "Save it as UTF-8" in result.stderr
 
 
-def test_extends_parent_that_is_not_utf8(tmp_path, cwd):
+def test_extends_parent_that_is_not_utf8(tmp_path, cwd, vlab_here):
     (tmp_path / "base.toml").write_bytes(LATIN1)
     child = tmp_path / "child.toml"
     child.write_text('name = "child"\nextends = "base.toml"\n')
-    result = vlab(["validate", str(child)], cwd)
+    result = vlab_here(["validate", str(child)], cwd)
     assert_clear_failure(result, f"{tmp_path / 'base.toml'}:2: not UTF-8 text")
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le"])  # with and without a byte-order mark
-def test_experiment_file_in_utf16(encoding, tmp_path, cwd):
+def test_experiment_file_in_utf16(encoding, tmp_path, cwd, vlab_here):
     path = tmp_path / "utf16.toml"
     path.write_bytes(EXPERIMENT.encode(encoding))
-    result = vlab(["validate", str(path)], cwd)
+    result = vlab_here(["validate", str(path)], cwd)
     assert_clear_failure(result, f"{path}:1: not UTF-8 text")
     assert "UTF-16" in result.stderr and "Save it as UTF-8" in result.stderr
 
 
-def test_a_utf8_byte_order_mark_is_accepted(tmp_path, cwd):
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, cwd, vlab_here):
     path = tmp_path / "bom.toml"
     path.write_bytes(b"\xef\xbb\xbf" + EXPERIMENT.encode())
-    result = vlab(["validate", str(path)], cwd)
+    result = vlab_here(["validate", str(path)], cwd)
     assert result.returncode == 0, result.stderr
 
 
-def test_project_file_that_is_not_utf8(tmp_path, cwd):
+def test_project_file_that_is_not_utf8(tmp_path, cwd, vlab_here):
     project = tmp_path / "vesuvius.toml"
     project.write_bytes(b"# donn\xe9es\nseed = 1\n")
-    result = vlab(["--project", str(project), "data", "check", str(tmp_path / "data")], cwd)
+    result = vlab_here(["--project", str(project), "data", "check", str(tmp_path / "data")], cwd)
     assert_clear_failure(result, f"{project}:1: not UTF-8 text")
 
 
-def test_project_file_with_an_infinite_value(tmp_path, cwd):
+def test_project_file_with_an_infinite_value(tmp_path, cwd, vlab_here):
     project = tmp_path / "vesuvius.toml"
     project.write_text('data_root = "data"\nseed = -inf\n')
-    result = vlab(["--project", str(project), "data", "check", str(tmp_path / "data")], cwd)
+    result = vlab_here(["--project", str(project), "data", "check", str(tmp_path / "data")], cwd)
     assert_clear_failure(result, f"{project}:2: seed: -inf is not a finite number")
 
 
-def test_csv_index_that_is_not_utf8(tmp_path, cwd):
+def test_csv_index_that_is_not_utf8(tmp_path, cwd, vlab_here):
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.csv").write_bytes(b"id,scroll_id\nvol\xe9,1\n")
     with pytest.raises(UserError, match=r"train\.csv:2: not UTF-8 text: byte 16 \(0xe9\)"):
         Dataset.open(data)
-    result = vlab(["data", "check", str(data)], cwd)
+    result = vlab_here(["data", "check", str(data)], cwd)
     assert_clear_failure(result, f"{data / 'train.csv'}:2: not UTF-8 text")
 
 
 # --------------------------------------------------------------------------- files that cannot be read
 
 
-def test_experiment_file_that_is_a_symlink_loop(tmp_path, cwd):
+def test_experiment_file_that_is_a_symlink_loop(tmp_path, cwd, vlab_here):
     path = symlink_loop(tmp_path / "loop.toml")
-    result = vlab(["validate", str(path)], cwd)
+    result = vlab_here(["validate", str(path)], cwd)
     assert_clear_failure(result, f"{path}: too many levels of symbolic links (a symlink loop)")
 
 
-def test_extends_parent_that_is_a_symlink_loop(tmp_path, cwd):
+def test_extends_parent_that_is_a_symlink_loop(tmp_path, cwd, vlab_here):
     symlink_loop(tmp_path / "base.toml")
     child = tmp_path / "child.toml"
     child.write_text('name = "child"\nextends = "base.toml"\n[model]\nplugin = "smp_unet25d"\n')
-    result = vlab(["validate", str(child)], cwd)
+    result = vlab_here(["validate", str(child)], cwd)
     assert_clear_failure(result, "symlink loop")
     assert "not found" not in result.stderr
 
 
-def test_experiment_file_that_is_a_folder(tmp_path, cwd):
+def test_experiment_file_that_is_a_folder(tmp_path, cwd, vlab_here):
     path = tmp_path / "folder.toml"
     path.mkdir()
-    result = vlab(["validate", str(path)], cwd)
+    result = vlab_here(["validate", str(path)], cwd)
     assert_clear_failure(result, f"{path}: the path is a folder, where a file was expected")
 
 
 @pytest.mark.skipif(AS_ROOT, reason="root reads files whatever their permissions")
-def test_experiment_file_without_read_permission(tmp_path, cwd):
+def test_experiment_file_without_read_permission(tmp_path, cwd, vlab_here):
     path = tmp_path / "secret.toml"
     path.write_text(EXPERIMENT)
     path.chmod(0)
     try:
-        result = vlab(["validate", str(path)], cwd)
+        result = vlab_here(["validate", str(path)], cwd)
     finally:
         path.chmod(0o644)
     assert_clear_failure(result, f"{path}: permission denied")
 
 
 @pytest.mark.parametrize("damage", ["symlink loop", "folder"])
-def test_project_file_that_cannot_be_read(damage, tmp_path, cwd):
+def test_project_file_that_cannot_be_read(damage, tmp_path, cwd, vlab_here):
     project = tmp_path / "vesuvius.toml"
     symlink_loop(project) if damage == "symlink loop" else project.mkdir()
-    passed = vlab(["--project", str(project), "data", "check", str(tmp_path / "data")], cwd)
+    passed = vlab_here(["--project", str(project), "data", "check", str(tmp_path / "data")], cwd)
     assert_clear_failure(passed, str(project))
     assert "not found" not in passed.stderr
-    found = vlab(["data", "check", str(tmp_path / "data")], tmp_path)  # the nearest one: not skipped
+    found = vlab_here(["data", "check", str(tmp_path / "data")], tmp_path)  # the nearest one: not skipped
     assert_clear_failure(found, f"{project}: ")
     assert damage in found.stderr and "not found" not in found.stderr
 
 
 @pytest.mark.parametrize("damage", ["symlink loop", "folder"])
-def test_csv_index_that_cannot_be_read(damage, tmp_path, cwd):
+def test_csv_index_that_cannot_be_read(damage, tmp_path, cwd, vlab_here):
     data = tmp_path / "data"
     data.mkdir()
     train = data / "train.csv"
     symlink_loop(train) if damage == "symlink loop" else train.mkdir()
     with pytest.raises(UserError, match=damage):
         Dataset.open(data)
-    result = vlab(["data", "check", str(data)], cwd)
+    result = vlab_here(["data", "check", str(data)], cwd)
     assert_clear_failure(result, f"{train}: ")
     assert damage in result.stderr and f"{train}: missing" not in result.stderr
 
@@ -189,7 +189,7 @@ HUGE = "a" * 5_000_000
 
 
 @pytest.mark.parametrize("where", ["field value", "key", "plugin name", "extends", "spaced value"])
-def test_a_huge_value_is_never_echoed_back(where, tmp_path, cwd):
+def test_a_huge_value_is_never_echoed_back(where, tmp_path, cwd, vlab_here):
     text = {
         "field value": EXPERIMENT + f'[train]\nepochs = "{HUGE}"\n',
         "key": EXPERIMENT + f"[train]\n{HUGE} = 1\n",
@@ -199,7 +199,7 @@ def test_a_huge_value_is_never_echoed_back(where, tmp_path, cwd):
     }[where]
     path = tmp_path / "huge.toml"
     path.write_text(text)
-    result = vlab(["validate", str(path)], cwd)
+    result = vlab_here(["validate", str(path)], cwd)
     assert_clear_failure(result, str(path))
     assert len(result.stderr) < 2000 and "…" in result.stderr, result.stderr[:3000]
 
@@ -248,9 +248,9 @@ TWO_LOSSES = EXPERIMENT + '[[loss]]\nplugin = "dice"\n[[loss]]\nplugin = "bce"\n
     ("loss.weight=1", "--set loss.weight=1: the list loss has 2 items (0 to 1)"),
     ("train.epochs", "--set train.epochs: expected KEY=VALUE"),
 ])
-def test_a_bad_set_is_blamed_on_the_command_line(override, expected, tmp_path, cwd):
+def test_a_bad_set_is_blamed_on_the_command_line(override, expected, tmp_path, cwd, vlab_here):
     path = tmp_path / "exp.toml"
     path.write_text(TWO_LOSSES)
-    result = vlab(["validate", str(path), "--set", override], cwd)
+    result = vlab_here(["validate", str(path), "--set", override], cwd)
     assert_clear_failure(result, expected)
     assert str(path) not in result.stderr  # not "exp.toml:1:", nor "exp.toml: sweep:"

@@ -40,15 +40,16 @@ def assert_clear_failure(result: subprocess.CompletedProcess, expected: str) -> 
 
 
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
-def test_experiment_file_mistakes(path, tmp_path):
+def test_experiment_file_mistakes(path, tmp_path, vlab_here):
     expected = path.read_text().splitlines()[0].removeprefix("# expect:").strip()
-    result = vlab(["validate", str(path)], tmp_path)
+    result = vlab_here(["validate", str(path)], tmp_path)
     assert_clear_failure(result, expected)
     assert str(path) in result.stderr or path.name in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written (the "code" in a string never ran)
 
 
 def test_every_corpus_file_fails_in_one_run(tmp_path):
+    """The one real `vlab validate` process of the corpus (the tests above run the command in this process)."""
     result = vlab(["validate", *map(str, CORPUS)], tmp_path)
     assert result.returncode == 2
     assert f"problem(s) in {len(CORPUS)} file(s)" in result.stderr
@@ -110,7 +111,7 @@ DATA_CASES = {
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=list(DATA_CASES))
-def test_training_on_bad_data_fails_before_creating_a_run(case, synth_data, tmp_path):
+def test_training_on_bad_data_fails_before_creating_a_run(case, synth_data, tmp_path, vlab_here):
     damage, expected = DATA_CASES[case]
     data = broken_copy(synth_data, tmp_path, damage) if damage else synth_data
     experiment = tmp_path / "exp.toml"
@@ -118,7 +119,7 @@ def test_training_on_bad_data_fails_before_creating_a_run(case, synth_data, tmp_
     experiment.write_text(f'name = "bad-data"\n[data]\nwindow = {window}\nfolds = 3\n[model]\nplugin = "monai_unet"\n'
                           'params = { channels = [4, 8], strides = [2], num_res_units = 0 }\n')
     runs = tmp_path / "runs"
-    result = vlab(["train", str(experiment)], tmp_path, VLAB_DATA=str(data), VLAB_RUNS=str(runs))
+    result = vlab_here(["train", str(experiment)], tmp_path, VLAB_DATA=str(data), VLAB_RUNS=str(runs))
     assert_clear_failure(result, expected)
     assert not any((runs / "bad-data").glob("*")) if runs.exists() else True
 
@@ -147,35 +148,35 @@ def copy_run(tiny_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-def test_checkpoint_that_is_not_a_checkpoint(tiny_run, synth_data, tmp_path):
+def test_checkpoint_that_is_not_a_checkpoint(tiny_run, synth_data, tmp_path, vlab_here):
     run = copy_run(tiny_run, tmp_path)
     (run / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint at all")
     before = snapshot(run)
-    result = vlab(["predict", str(run), "--input", str(synth_data / "test_images"), "--output", "out"], tmp_path)
+    result = vlab_here(["predict", str(run), "--input", str(synth_data / "test_images"), "--output", "out"], tmp_path)
     assert_clear_failure(result, "not a readable vesuvius-lab checkpoint")
     assert snapshot(run) == before and not (tmp_path / "out").exists()
 
 
-def test_checkpoint_of_another_model(tiny_run, synth_data, tmp_path):
+def test_checkpoint_of_another_model(tiny_run, synth_data, tmp_path, vlab_here):
     run = copy_run(tiny_run, tmp_path)
     spec_path = run / "spec.json"
     spec = json.loads(spec_path.read_text())
     spec["model"]["params"]["decoder_channels"] = [16, 16, 8]  # valid, but another network
     spec_path.write_text(json.dumps(spec))
-    result = vlab(["predict", str(run), "--input", str(synth_data / "test_images"), "--output", "out"], tmp_path)
+    result = vlab_here(["predict", str(run), "--input", str(synth_data / "test_images"), "--output", "out"], tmp_path)
     assert_clear_failure(result, "this checkpoint is from model smp_unet25d")
     assert not (tmp_path / "out").exists()
 
 
-def test_submit_with_an_empty_test_folder(tiny_run, tmp_path):
+def test_submit_with_an_empty_test_folder(tiny_run, tmp_path, vlab_here):
     (tmp_path / "empty").mkdir()
-    result = vlab(["submit", str(tiny_run), "--input", "empty", "--output", "submission.zip"], tmp_path)
+    result = vlab_here(["submit", str(tiny_run), "--input", "empty", "--output", "submission.zip"], tmp_path)
     assert_clear_failure(result, "holds no .tif volumes")
     assert not (tmp_path / "submission.zip").exists()
 
 
-def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
-    result = vlab(["train", "--resume", str(tmp_path)], tmp_path)
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, vlab_here):
+    result = vlab_here(["train", "--resume", str(tmp_path)], tmp_path)
     assert_clear_failure(result, "not a run directory")
 
 

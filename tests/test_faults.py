@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import experiment, start_vlab, tiny_experiment, vlab, wait_for_epochs
+from conftest import KILLED, copy_run, experiment, start_vlab, tiny_experiment, vlab, wait_for_epochs
 
 from vesuvius_lab.core.runs import checkpoint
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
@@ -109,15 +108,22 @@ def test_two_runs_into_one_runs_dir_while_reading(synth_data, tmp_path):
 # --------------------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_data, tmp_path):
+def _sleep_a_few_steps_into_the_next_epoch(run: Run, iterations: int, steps: int = 4) -> None:
+    """Called as soon as an epoch is recorded: sleep for about ``steps`` training steps, timed by that epoch,
+    so that a signal sent next lands inside the next epoch and well before its end, whether a step takes
+    milliseconds (an idle machine) or a second (a crowded one)."""
+    time.sleep(steps * run.metrics()[-1]["time_s"] / iterations)
+
+
+def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_data, tmp_path, vlab_here):
     """SLURM, Kubernetes, docker stop and Kaggle send SIGTERM: the run saves at a step boundary inside the
     epoch, is marked interrupted and resumable, and the resumed run ends with the schedule, step count and
     records of a run that was never stopped."""
-    runs, straight, iterations = tmp_path / "runs", tmp_path / "straight", 300  # an epoch of a few seconds
+    runs, straight, iterations = tmp_path / "runs", tmp_path / "straight", 40
     file = experiment(tmp_path, epochs=2, iterations=iterations)
     process = start_vlab(["train", str(file)], synth_data, runs)
     run = wait_for_epochs(runs, 1, process)
-    time.sleep(0.5)  # inside epoch 2
+    _sleep_a_few_steps_into_the_next_epoch(run, iterations)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, stderr
@@ -131,7 +137,8 @@ def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_d
     resumed = vlab(["train", "--resume", str(run.path)], synth_data, runs)
     assert resumed.returncode == 0, resumed.stderr
     assert f"in epoch 2 at iteration {iteration + 1}" in resumed.stderr
-    assert vlab(["train", str(file)], synth_data, straight).returncode == 0
+    never_stopped = vlab_here(["train", str(file)], VLAB_DATA=str(synth_data), VLAB_RUNS=str(straight))
+    assert never_stopped.returncode == 0, never_stopped.stderr
     (reference,) = find_runs(straight)
     final, expected = checkpoint.load(run.checkpoints / "last.pt"), checkpoint.load(reference.checkpoints / "last.pt")
     assert final["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"] == 2 * iterations
@@ -141,11 +148,11 @@ def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_d
 
 def test_sigterm_to_a_ddp_run_stops_every_rank_at_one_step_and_resumes(synth_data, tmp_path):
     """The parent of spawned DDP ranks passes SIGTERM on; the ranks agree on the step to stop at."""
-    runs, iterations = tmp_path / "runs", 300
+    runs, iterations = tmp_path / "runs", 40
     process = start_vlab(["train", str(experiment(tmp_path, epochs=2, iterations=iterations)), "--nproc", "2"],
                          synth_data, runs)
     run = wait_for_epochs(runs, 1, process)
-    time.sleep(0.5)
+    _sleep_a_few_steps_into_the_next_epoch(run, iterations)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=180)
     assert process.returncode == 128 + signal.SIGTERM, stderr
@@ -161,15 +168,12 @@ def test_sigterm_to_a_ddp_run_stops_every_rank_at_one_step_and_resumes(synth_dat
 # --------------------------------------------------------------------------- one run, one writer
 
 
-def test_a_run_held_by_another_process_is_never_written_twice(synth_data, tmp_path):
+def test_a_run_held_by_another_process_is_never_written_twice(killed_run, synth_data, tmp_path, vlab_here):
     """Two `vlab run` started at once would both resume the same killed run: the lock lets one write it;
     the other says who holds it, and the run's records stay single."""
     runs = tmp_path / "runs"
-    file = experiment(tmp_path, epochs=3, iterations=30)
-    process = start_vlab(["run", str(file)], synth_data, runs)
-    run = wait_for_epochs(runs, 1, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    file = experiment(tmp_path, **KILLED)  # the experiment the killed run was started from
+    run = copy_run(killed_run, runs)
     assert effective_state(run) == "killed"
     metrics, log = (run.path / "metrics.jsonl").read_bytes(), (run.path / "log.txt").read_bytes()
 
@@ -183,7 +187,7 @@ def test_a_run_held_by_another_process_is_never_written_twice(synth_data, tmp_pa
         assert (run.path / "log.txt").read_bytes() == log
         assert find_runs(runs) == [run]
 
-    finished = vlab(["run", str(file)], synth_data, runs)  # released: now it resumes
+    finished = vlab_here(["run", str(file)], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))  # released: it resumes
     assert finished.returncode == 0, finished.stderr
     assert [m["epoch"] for m in run.metrics()] == [1, 2, 3]
 
@@ -191,28 +195,17 @@ def test_a_run_held_by_another_process_is_never_written_twice(synth_data, tmp_pa
 # --------------------------------------------------------------------------- damaged records
 
 
-@pytest.fixture(scope="module")
-def a_killed_run(synth_data, tmp_path_factory) -> Run:
-    root = tmp_path_factory.mktemp("killed")
-    process = start_vlab(["train", str(experiment(root, epochs=3, iterations=20))], synth_data, root / "runs")
-    run = wait_for_epochs(root / "runs", 1, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    return run
-
-
 @pytest.fixture
-def killed_run(a_killed_run, tmp_path) -> Run:
+def run_to_damage(killed_run, tmp_path) -> Run:
     """A copy of a run killed after epoch 1, to damage."""
-    runs = tmp_path / "runs"
-    shutil.copytree(a_killed_run.path.parent.parent, runs)
-    return Run(runs / a_killed_run.experiment / a_killed_run.id)
+    return copy_run(killed_run, tmp_path / "runs")
 
 
 @pytest.mark.parametrize("damage", ["zero-byte checkpoint", "spec that no longer validates",
                                     "status that is a list", "summary that is a string"])
-def test_damaged_records_are_messages_and_never_take_the_leaderboard_down(damage, killed_run, synth_data):
-    run, runs = killed_run, killed_run.path.parent.parent
+def test_damaged_records_are_messages_and_never_take_the_leaderboard_down(damage, run_to_damage, synth_data,
+                                                                          vlab_here):
+    run, runs = run_to_damage, run_to_damage.path.parent.parent
     if damage == "zero-byte checkpoint":
         (run.checkpoints / "last.pt").write_bytes(b"")
         expected = "not a readable vesuvius-lab checkpoint"
@@ -228,10 +221,10 @@ def test_damaged_records_are_messages_and_never_take_the_leaderboard_down(damage
         (run.path / "summary.json").write_text('"finished"')
         expected = None
     if expected:
-        resumed = vlab(["train", "--resume", str(run.path)], synth_data, runs)
+        resumed = vlab_here(["train", "--resume", str(run.path)], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
         assert resumed.returncode == 2 and expected in resumed.stderr, resumed.stderr
         assert "Traceback" not in resumed.stderr
-    board = vlab(["leaderboard", "--runs"], synth_data, runs)
+    board = vlab_here(["leaderboard", "--runs"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert board.returncode == 0, board.stderr
     assert "Traceback" not in board.stderr
 
@@ -245,12 +238,12 @@ def test_damaged_records_are_messages_and_never_take_the_leaderboard_down(damage
     ["submit", "{run}", "--input", "{data}/test_images", "--output", "{file}/submission.zip"],
     ["--runs", "{file}/runs", "train", "{experiment}"],
 ])
-def test_an_output_whose_parent_is_a_file_is_a_message(command, tiny_run, synth_data, tmp_path):
+def test_an_output_whose_parent_is_a_file_is_a_message(command, tiny_run, synth_data, tmp_path, vlab_here):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     args = [part.format(file=blocker, run=tiny_run, data=synth_data, experiment=experiment(tmp_path))
             for part in command]
-    result = vlab(args, synth_data, tiny_run.parent.parent)
+    result = vlab_here(args, VLAB_DATA=str(synth_data), VLAB_RUNS=str(tiny_run.parent.parent))
     assert result.returncode == 2, result.stderr
     assert str(blocker) in result.stderr and "is a file" in result.stderr and "Traceback" not in result.stderr
 

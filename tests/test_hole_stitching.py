@@ -194,7 +194,7 @@ def test_trained_stitcher_closes_holes_in_a_held_out_label(tmp_path):
     """A few hundred iterations on three synthetic volumes; judged on a volume with other waves."""
     torch.set_num_threads(2)
     train = [sheets(seed=seed) for seed in (0, 1, 2)]
-    fit_hole_stitcher(train, window=(24, 24, 24), iterations=400, batch_size=4, lr=5e-3, network=TINY_NET,
+    fit_hole_stitcher(train, window=(24, 24, 24), iterations=300, batch_size=4, lr=5e-3, network=TINY_NET,
                       corruption=CorruptionParams(holes=(2, 5), radius=(2, 5)), damage_weight=5.0,
                       progress=False, checkpoint=tmp_path / "stitcher.pt", seed=0)
 

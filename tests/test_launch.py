@@ -104,7 +104,7 @@ def test_ensembles_wait_for_the_jobs_before_them_and_a_repeated_spec_for_its_fir
     assert dependencies(jobs) == [set(), set(), {0}, {0, 1, 2}]
 
 
-def test_launcher_settings_are_checked_and_a_mistake_names_its_key(tmp_path, synth_data):
+def test_launcher_settings_are_checked_and_a_mistake_names_its_key(tmp_path, synth_data, vlab_here):
     (tmp_path / "vesuvius.toml").write_text('[launcher]\npartition = "gpu"\ntime = "soon"\nnodes = 0\n'
                                             'sbatch = ["qos=high"]\n')
     with pytest.raises(SpecError) as caught:
@@ -114,18 +114,19 @@ def test_launcher_settings_are_checked_and_a_mistake_names_its_key(tmp_path, syn
         assert key in message
     assert "is not a SLURM time limit" in message and "vesuvius.toml:3" in message
     (tmp_path / "tiny.toml").write_text(tiny_experiment())
-    result = vlab(["--project", str(tmp_path / "vesuvius.toml"), "run", str(tmp_path / "tiny.toml"),
-                   "--launcher", "slurm"], synth_data, tmp_path / "runs")
+    result = vlab_here(["--project", str(tmp_path / "vesuvius.toml"), "run", str(tmp_path / "tiny.toml"),
+                        "--launcher", "slurm"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(tmp_path / "runs"))
     assert result.returncode == 2 and "launcher.time" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_without_slurm_or_with_local_jobs_and_no_wait_the_command_says_so(tmp_path, synth_data):
+def test_without_slurm_or_with_local_jobs_and_no_wait_the_command_says_so(tmp_path, synth_data, vlab_here):
     tiny = tmp_path / "tiny.toml"
     tiny.write_text(tiny_experiment())
-    result = vlab(["run", str(tiny), "--no-wait"], synth_data, tmp_path / "runs")
+    result = vlab_here(["run", str(tiny), "--no-wait"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(tmp_path / "runs"))
     assert result.returncode == 2 and "--no-wait needs --launcher slurm" in result.stderr
     if not any((Path(p) / "srun").exists() for p in __import__("os").environ.get("PATH", "").split(":")):
-        result = vlab(["run", str(tiny), "--launcher", "slurm"], synth_data, tmp_path / "runs")
+        result = vlab_here(["run", str(tiny), "--launcher", "slurm"], VLAB_DATA=str(synth_data),
+                           VLAB_RUNS=str(tmp_path / "runs"))
         assert result.returncode == 2 and "no `srun` on the PATH" in result.stderr
     assert not find_runs(tmp_path / "runs")
 
@@ -207,9 +208,10 @@ def _complete(run: Run, epochs: int) -> None:
 
 
 @pytest.mark.slow
-def test_two_jobs_at_once_stop_together_on_ctrl_c_then_resume_with_complete_records(synth_data, tmp_path):
+def test_two_jobs_at_once_stop_together_on_ctrl_c_then_resume_with_complete_records(synth_data, tmp_path,
+                                                                                     vlab_here):
     runs = tmp_path / "runs"
-    files = _experiments(tmp_path, one=(3, 64), two=(3, 64))  # epochs of seconds: both are surely mid-run
+    files = _experiments(tmp_path, one=(3, 32), two=(3, 32))  # epochs of seconds: both are surely mid-run
     process = start_vlab(["run", *files, "--jobs", "2"], synth_data, runs)
     try:
         first = _run_of(runs, "one", epochs=1, process=process)
@@ -231,14 +233,15 @@ def test_two_jobs_at_once_stop_together_on_ctrl_c_then_resume_with_complete_reco
     assert "2 resumed" in again.stderr and sorted(find_runs(runs)) == sorted([first, second])
     for run in (first, second):
         _complete(run, 3)
-    board = vlab(["leaderboard"], synth_data, runs)
+    board = vlab_here(["leaderboard"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert "one" in board.stdout and "two" in board.stdout and "killed" not in board.stdout + board.stderr
 
 
 @pytest.mark.slow
-def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resumes_it(synth_data, tmp_path):
+def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resumes_it(synth_data, tmp_path,
+                                                                                      vlab_here):
     runs = tmp_path / "runs"
-    files = _experiments(tmp_path, doomed=(3, 30), fine=(1, 2))
+    files = _experiments(tmp_path, doomed=(3, 8), fine=(1, 2))
     process = start_vlab(["run", *files, "--jobs", "2"], synth_data, runs)
     try:
         doomed = _run_of(runs, "doomed", epochs=1, process=process)
@@ -251,7 +254,7 @@ def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resume
     assert "killed doomed fold 0: its process was killed by SIGKILL" in stderr and "1 trained" in stderr
     assert effective_state(doomed) == "killed"
     _complete(_run_of(runs, "fine"), 1)
-    board = vlab(["leaderboard"], synth_data, runs)
+    board = vlab_here(["leaderboard"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     listed = board.stdout + board.stderr
     assert "killed" in listed and "doomed/" in listed
 
@@ -267,7 +270,7 @@ def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resume
 @pytest.mark.slow
 def test_submitit_local_executor_runs_two_jobs_and_a_killed_one_shows_as_killed(synth_data, tmp_path):
     runs = tmp_path / "runs"
-    files = _experiments(tmp_path, victim=(3, 30), survivor=(1, 2))
+    files = _experiments(tmp_path, victim=(3, 8), survivor=(1, 2))
     process = start_vlab(["run", *files, "--launcher", "submitit-local", "--jobs", "2"], synth_data, runs)
     try:
         victim = _run_of(runs, "victim", epochs=1, process=process)

@@ -229,16 +229,16 @@ def test_mistake_is_reported_with_file_line_and_key(name, validated, project):
     assert text in error, error
 
 
-def test_valid_files_using_the_same_features_pass(project):
+def test_valid_files_using_the_same_features_pass(project, vlab_here):
     """Also every quick experiment: unet25d_stitched.toml names a stitcher run that does not exist yet
     (the demo trains it in the same `vlab run`), so a missing run is left to `vlab train`."""
     root = project["root"]
     empty_runs = root / "no-runs-yet"
     good = sorted((root / "good").glob("*.toml"))
-    result = vlab(["validate", *map(str, good)], root, **project["env"])
+    result = vlab_here(["validate", *map(str, good)], root, **project["env"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ok ") == len(GOOD)
-    result = vlab(["validate", *map(str, QUICK)], root, **{**project["env"], "VLAB_RUNS": str(empty_runs)})
+    result = vlab_here(["validate", *map(str, QUICK)], root, **{**project["env"], "VLAB_RUNS": str(empty_runs)})
     assert result.returncode == 0, result.stderr
     assert not empty_runs.exists()
 

@@ -71,17 +71,17 @@ def test_submit_writes_the_competition_zip(tiny_run, synth_data, tmp_path):
             assert mask.dtype == np.uint8 and mask.shape == read_volume(synth_data / "test_images" / name).shape
 
 
-def test_tta_override_at_prediction_time(tiny_run, synth_data, tmp_path):
-    result = vlab(["predict", str(tiny_run), "--input", str(next((synth_data / "test_images").glob("*.tif"))),
+def test_tta_override_at_prediction_time(tiny_run, synth_data, tmp_path, vlab_here):
+    result = vlab_here(["predict", str(tiny_run), "--input", str(next((synth_data / "test_images").glob("*.tif"))),
                    "--output", str(tmp_path / "tta"), "--set", "inference.tta=['flip0', 'flip2']"])
     assert result.returncode == 0, result.stderr
-    bad = vlab(["predict", str(tiny_run), "--input", str(synth_data / "test_images"), "--output",
+    bad = vlab_here(["predict", str(tiny_run), "--input", str(synth_data / "test_images"), "--output",
                 str(tmp_path / "x"), "--set", "train.epochs=3"])
     assert bad.returncode == 2 and "only [inference] keys" in bad.stderr
 
 
 @pytest.mark.parametrize("case", ["missing run", "2D volume", "smaller than every window", "not a folder"])
-def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_run, tmp_path):
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_run, tmp_path, vlab_here):
     run, source = tiny_run, tmp_path / "in"
     source.mkdir()
     if case == "missing run":
@@ -98,7 +98,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, tiny_run, tmp_path)
         source = tmp_path / "nowhere"
         expected = "no such file or folder"
     out = tmp_path / "out"
-    result = vlab(["predict", str(run), "--input", str(source), "--output", str(out)])
+    result = vlab_here(["predict", str(run), "--input", str(source), "--output", str(out)])
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() or not any(out.iterdir())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import only_run, tiny_experiment, vlab
+from conftest import copy_run, only_run, tiny_experiment, vlab
 from scipy import ndimage
 
 from vesuvius_lab.core import registry
@@ -14,7 +14,7 @@ from vesuvius_lab.core.runs import checkpoint
 from vesuvius_lab.core.config.spec import LossTerm
 from vesuvius_lab.core.data.skeleton import medial_surface, skeleton_target
 from vesuvius_lab.core.data.synthetic import generate_volume
-from vesuvius_lab.core.runs.folder import effective_state, find_runs
+from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
 from vesuvius_lab.core.training.objective import build_objective
 from vesuvius_lab.core.training.weight_average import WeightAverage
 
@@ -187,13 +187,7 @@ def test_the_weight_average_moves_towards_the_weights_with_a_warm_up():
     assert not average.model.weight.requires_grad and average.current_decay() == pytest.approx(2 / 11)
 
 
-def _experiment(tmp_path, name, extra="", **kwargs):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(tiny_experiment(name, **kwargs) + extra)
-    return path
-
-
-def test_ema_weights_differ_from_the_raw_ones_and_are_what_validation_used(synth_data, tmp_path):
+def test_ema_weights_differ_from_the_raw_ones_and_are_what_validation_used(synth_data, tmp_path, vlab_here):
     file = tmp_path / "ema.toml"
     file.write_text(tiny_experiment("ema", iterations=4).replace("[train]\n", "[train]\nema = 0.9\n"))
     result = vlab(["train", str(file)], synth_data, tmp_path / "runs")
@@ -205,11 +199,10 @@ def test_ema_weights_differ_from_the_raw_ones_and_are_what_validation_used(synth
               if value.dtype.is_floating_point and not torch.equal(value, state["raw_model"][name])]
     assert differ
     # Scoring the run's prediction again (which loads "model", the average) reproduces the validation score.
-    evaluated = vlab(["predict", str(run.path), "--input", str(synth_data / "train_images"), "--output",
-                      str(tmp_path / "pred")], synth_data, tmp_path / "runs")
+    evaluated = vlab_here(["predict", str(run.path), "--input", str(synth_data / "train_images"), "--output",
+                           str(tmp_path / "pred")], VLAB_DATA=str(synth_data), VLAB_RUNS=str(tmp_path / "runs"))
     assert evaluated.returncode == 0, evaluated.stderr
-    scored = vlab(["evaluate", str(tmp_path / "pred"), str(synth_data / "train_labels")], synth_data,
-                  tmp_path / "runs")
+    scored = vlab_here(["evaluate", str(tmp_path / "pred"), str(synth_data / "train_labels")])
     assert scored.returncode == 0, scored.stderr
     recorded = {v["id"]: v["score"] for v in run.read("scores.json")["volumes"]}
     for volume_id, score in recorded.items():
@@ -219,40 +212,39 @@ def test_ema_weights_differ_from_the_raw_ones_and_are_what_validation_used(synth
 # --------------------------------------------------------------------------- init and fold "all"
 
 
-def test_init_from_a_run_with_another_window_trains_and_is_recorded(synth_data, tmp_path):
+def test_init_from_a_run_with_another_window_trains_and_is_recorded(tiny_run, synth_data, tmp_path, vlab_here):
     runs = tmp_path / "runs"
-    assert vlab(["train", str(_experiment(tmp_path, "first"))], synth_data, runs).returncode == 0
-    first = only_run(runs)
+    first = copy_run(Run(tiny_run), runs)  # a finished run of tiny_experiment(), window 8x32x32
     larger = f'\n[data]\nwindow = [8, 48, 48]\n'.join(tiny_experiment("second").split("\n[data]\nwindow = [8, 32, 32]\n"))
-    larger = larger.replace("[train]\n", f'[train]\ninit = "first/{first.id}"\n')
+    larger = larger.replace("[train]\n", f'[train]\ninit = "{first.experiment}/{first.id}"\n')
     (tmp_path / "second.toml").write_text(larger)
     result = vlab(["train", str(tmp_path / "second.toml")], synth_data, runs)
     assert result.returncode == 0, result.stderr
     (second,) = [r for r in find_runs(runs) if r.experiment == "second"]
     assert f"initial weights from {first.path / 'checkpoints' / 'best.pt'}" in second.path.joinpath("log.txt").read_text()
-    assert second.read("summary.json")["init"] == f"first/{first.id}"
-    board = vlab(["leaderboard"], synth_data, runs)
-    assert f"(from first/{first.id})" in " ".join(board.stdout.split()) or "(from" in board.stdout
+    assert second.read("summary.json")["init"] == f"{first.experiment}/{first.id}"
+    board = vlab_here(["leaderboard"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
+    assert f"(from {first.experiment}/{first.id})" in " ".join(board.stdout.split()) or "(from" in board.stdout
 
 
-def test_init_from_weights_of_another_model_is_refused_before_a_run_exists(synth_data, tmp_path):
+def test_init_from_weights_of_another_model_is_refused_before_a_run_exists(tiny_run, synth_data, tmp_path,
+                                                                            vlab_here):
     runs = tmp_path / "runs"
-    assert vlab(["train", str(_experiment(tmp_path, "first"))], synth_data, runs).returncode == 0
-    first = only_run(runs)
+    first = copy_run(Run(tiny_run), runs)  # a finished run of tiny_experiment()
     other = tiny_experiment("other").replace("decoder_channels = [16, 8, 8]", "decoder_channels = [16, 8, 4]")
     (tmp_path / "other.toml").write_text(other.replace("[train]\n", f'[train]\ninit = "{first.path}"\n'))
-    result = vlab(["train", str(tmp_path / "other.toml")], synth_data, runs)
+    result = vlab_here(["train", str(tmp_path / "other.toml")], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert result.returncode == 2
     assert "do not fit this model" in result.stderr and "layers of another shape" in result.stderr
     assert "decoder" in result.stderr
-    assert [r.experiment for r in find_runs(runs)] == ["first"]
+    assert find_runs(runs) == [first]
     missing = tiny_experiment("third").replace("[train]\n", '[train]\ninit = "nowhere/run"\n')
     (tmp_path / "third.toml").write_text(missing)
-    result = vlab(["train", str(tmp_path / "third.toml")], synth_data, runs)
+    result = vlab_here(["train", str(tmp_path / "third.toml")], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert result.returncode == 2 and "neither a run directory" in result.stderr
 
 
-def test_fold_all_trains_on_every_volume_and_refuses_validation(synth_data, tmp_path):
+def test_fold_all_trains_on_every_volume_and_refuses_validation(synth_data, tmp_path, vlab_here):
     runs = tmp_path / "runs"
     file = tmp_path / "everything.toml"
     file.write_text(tiny_experiment("everything").replace("folds = 3", 'folds = 3\nfold = "all"'))
@@ -262,10 +254,10 @@ def test_fold_all_trains_on_every_volume_and_refuses_validation(synth_data, tmp_
     assert run.id.startswith("foldall-") and effective_state(run) == "finished"
     assert "score" not in run.read("summary.json") and run.read("summary.json")["validated"] is False
     assert run.metrics()[-1].get("val") is None and (run.checkpoints / "best.pt").is_file()
-    board = vlab(["leaderboard"], synth_data, runs)
+    board = vlab_here(["leaderboard"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert "not validated" in board.stdout
-    tuned = vlab(["tune", str(file), "--trials", "2"], synth_data, runs)
+    tuned = vlab_here(["tune", str(file), "--trials", "2"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert tuned.returncode == 2 and "trained on every volume" in tuned.stderr
-    predicted = vlab(["predict", str(run.path), "--input", str(synth_data / "test_images"), "--output",
-                      str(tmp_path / "pred")], synth_data, runs)
+    predicted = vlab_here(["predict", str(run.path), "--input", str(synth_data / "test_images"), "--output",
+                           str(tmp_path / "pred")], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert predicted.returncode == 0, predicted.stderr

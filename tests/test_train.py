@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import experiment, only_run, start_vlab, vlab, wait_for_epochs
+from conftest import KILLED, copy_run, experiment, only_run, start_vlab, vlab, wait_for_epochs
 
 from vesuvius_lab.core.runs import checkpoint
-from vesuvius_lab.core.runs.folder import effective_state, find_runs
+from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs
 
 
 def test_train_records_scores_and_checkpoints(synth_data, tmp_path):
@@ -42,15 +42,9 @@ def test_train_records_scores_and_checkpoints(synth_data, tmp_path):
     assert "score" in result.stdout
 
 
-def test_sigkill_mid_epoch_then_resume_finishes(synth_data, tmp_path):
+def test_sigkill_mid_epoch_then_resume_finishes(killed_run, synth_data, tmp_path):
     runs = tmp_path / "runs"
-    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs)
-    try:
-        run = wait_for_epochs(runs, 1, process)
-        process.send_signal(signal.SIGKILL)  # epoch 1 is recorded; epoch 2 has just begun
-        process.wait(timeout=30)
-    finally:
-        process.kill()
+    run = copy_run(killed_run, runs)  # `vlab train` got SIGKILL once epoch 1 was recorded and epoch 2 had begun
     assert effective_state(run) == "killed"
     epochs_before = len(run.metrics())
     assert epochs_before < 3
@@ -61,16 +55,10 @@ def test_sigkill_mid_epoch_then_resume_finishes(synth_data, tmp_path):
     assert effective_state(run) == "finished" and "score" in run.read("summary.json")
 
 
-def test_vlab_run_resumes_a_killed_run_of_the_same_spec(synth_data, tmp_path):
+def test_vlab_run_resumes_a_killed_run_of_the_same_spec(killed_run, synth_data, tmp_path, vlab_here):
     runs = tmp_path / "runs"
-    tiny = experiment(tmp_path, epochs=3, iterations=30)
-    process = start_vlab(["run", str(tiny)], synth_data, runs)
-    try:
-        run = wait_for_epochs(runs, 1, process)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
+    tiny = experiment(tmp_path, **KILLED)  # the experiment the killed run was started from
+    run = copy_run(killed_run, runs)
     assert effective_state(run) == "killed"
     again = vlab(["run", str(tiny)], synth_data, runs)
     assert again.returncode == 0, again.stderr
@@ -78,8 +66,8 @@ def test_vlab_run_resumes_a_killed_run_of_the_same_spec(synth_data, tmp_path):
     assert find_runs(runs) == [run]                                 # the same run, no new one
     assert [m["epoch"] for m in run.metrics()] == [1, 2, 3]         # epoch 1 kept, not trained again
     assert effective_state(run) == "finished"
-    fresh = vlab(["run", str(tiny), "--force"], synth_data, runs)   # --force starts a new run
-    assert fresh.returncode == 0 and len(find_runs(runs)) == 2
+    fresh = vlab_here(["run", str(tiny), "--force"], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
+    assert fresh.returncode == 0 and len(find_runs(runs)) == 2      # --force starts a new run
 
 
 def _as_a_background_job() -> None:
@@ -92,7 +80,7 @@ def test_ctrl_c_saves_and_exits_cleanly(started, synth_data, tmp_path):
     """The trainer handles SIGINT itself, whatever disposition the process inherited."""
     runs = tmp_path / "runs"
     setup = _as_a_background_job if started == "as a background job" else None
-    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=30))], synth_data, runs,
+    process = start_vlab(["train", str(experiment(tmp_path, epochs=3, iterations=8))], synth_data, runs,
                          preexec_fn=setup)
     run = wait_for_epochs(runs, 1, process)
     process.send_signal(signal.SIGINT)  # epoch 1 is recorded; epoch 2 has just begun
@@ -103,11 +91,10 @@ def test_ctrl_c_saves_and_exits_cleanly(started, synth_data, tmp_path):
     assert checkpoint.load(run.checkpoints / "last.pt")["epoch"] >= 0
 
 
-def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(synth_data, tmp_path):
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tiny_run, synth_data, tmp_path):
     runs = tmp_path / "runs"
-    ok = vlab(["train", str(experiment(tmp_path, epochs=1, iterations=2))], synth_data, runs)
-    assert ok.returncode == 0, ok.stderr
-    run = only_run(runs)
+    run = copy_run(Run(tiny_run), runs)  # a finished run of one epoch
+    assert effective_state(run) == "finished" and run.read("spec.json")["train"]["epochs"] == 1
     before = (run.checkpoints / "last.pt").read_bytes()
     # An infinite weight makes the summed loss inf on the first batch of the resumed epoch.
     spec = run.read("spec.json")
@@ -213,35 +200,26 @@ def stitcher_experiment(tmp_path: Path, *, window: int, channels: list[int], hol
     return path
 
 
-def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(synth_data, tmp_path):
-    runs = tmp_path / "runs"
-    stitcher = stitcher_experiment(tmp_path, window=16, channels=[4, 8], holes=[1, 2], radius=[1, 2],
-                                   epochs=1, iterations=2, batch_size=2)
-    result = vlab(["train", str(stitcher)], synth_data, runs)
-    assert result.returncode == 0, result.stderr
-    steps = only_run(runs).read("summary.json")["steps"]
-    assert list(steps) == ["input", "threshold", "merged"]  # the damaged input and the merged result too
-    segmenter = experiment(tmp_path, epochs=1, iterations=1)
-    segmenter.write_text(segmenter.read_text() + textwrap.dedent("""
-        [[postprocess]]
-        plugin = "hole_stitching_unet"
-        params = { run = "stitcher", window = [16, 16, 16] }
-    """))
-    result = vlab(["train", str(segmenter)], synth_data, runs)
-    assert result.returncode == 0, result.stderr
-    (run,) = [r for r in find_runs(runs) if r.experiment == "tiny"]
-    assert set(run.read("summary.json")["steps"]) == {"threshold", "hole_stitching_unet"}
+#: Enough steps for the stitcher to win back a clear share of what the damage costs on held-out volumes.
+STITCHER_ITERATIONS = 125
 
 
-def test_a_stitcher_trained_by_vlab_train_repairs_held_out_volumes(synth_data, tmp_path):
-    """The quick stitcher's recipe, shortened: on the validation fold (volumes it never saw, holes
-    punched as densely as in training) the merged result must beat the damaged input."""
-    runs = tmp_path / "runs"
-    stitcher = stitcher_experiment(tmp_path, window=32, channels=[8, 16, 32], holes=[2, 5], radius=[2, 4],
-                                   epochs=2, iterations=400, batch_size=4)
-    result = vlab(["train", str(stitcher)], synth_data, runs)
+@pytest.fixture(scope="module")
+def stitcher_run(synth_data, tmp_path_factory) -> Run:
+    """A stitcher trained by `vlab train` on the hole-stitching task: the quick stitcher's recipe, shortened
+    to one epoch. Shared by the tests below: copy it before changing anything."""
+    root = tmp_path_factory.mktemp("stitcher")
+    stitcher = stitcher_experiment(root, window=32, channels=[8, 16, 32], holes=[2, 5], radius=[2, 4],
+                                   epochs=1, iterations=STITCHER_ITERATIONS, batch_size=4)
+    result = vlab(["train", str(stitcher)], synth_data, root / "runs")
     assert result.returncode == 0, result.stderr
-    summary = only_run(runs).read("summary.json")
+    return only_run(root / "runs")
+
+
+def test_a_stitcher_trained_by_vlab_train_repairs_held_out_volumes(stitcher_run):
+    """On the validation fold (volumes it never saw, holes punched as densely as in training) the merged
+    result must beat the damaged input."""
+    summary = stitcher_run.read("summary.json")
     steps = summary["steps"]
     print(steps)
     assert list(steps) == ["input", "threshold", "merged"] and summary["score"] == steps["merged"]
@@ -249,10 +227,28 @@ def test_a_stitcher_trained_by_vlab_train_repairs_held_out_volumes(synth_data, t
     assert steps["merged"] > steps["input"] + 0.005                # ...and the stitcher wins some back
 
 
-def test_a_missing_stitcher_run_fails_before_training(synth_data, tmp_path):
+def test_hole_stitching_task_trains_and_serves_as_a_post_processing_step(stitcher_run, synth_data, tmp_path,
+                                                                         vlab_here):
+    runs = tmp_path / "runs"
+    copy_run(stitcher_run, runs)
+    steps = stitcher_run.read("summary.json")["steps"]
+    assert list(steps) == ["input", "threshold", "merged"]  # the damaged input and the merged result too
+    segmenter = experiment(tmp_path, epochs=1, iterations=1)
+    segmenter.write_text(segmenter.read_text() + textwrap.dedent("""
+        [[postprocess]]
+        plugin = "hole_stitching_unet"
+        params = { run = "stitcher", window = [16, 16, 16] }
+    """))
+    result = vlab_here(["train", str(segmenter)], VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
+    assert result.returncode == 0, result.stderr
+    (run,) = [r for r in find_runs(runs) if r.experiment == "tiny"]
+    assert set(run.read("summary.json")["steps"]) == {"threshold", "hole_stitching_unet"}
+
+
+def test_a_missing_stitcher_run_fails_before_training(synth_data, tmp_path, vlab_here):
     segmenter = experiment(tmp_path, epochs=1, iterations=1)
     segmenter.write_text(segmenter.read_text() + '[[postprocess]]\nplugin = "hole_stitching_unet"\n'
                                                   'params = { run = "no-such-stitcher" }\n')
-    result = vlab(["train", str(segmenter)], synth_data, tmp_path / "runs")
+    result = vlab_here(["train", str(segmenter)], VLAB_DATA=str(synth_data), VLAB_RUNS=str(tmp_path / "runs"))
     assert result.returncode == 2 and "no-such-stitcher" in result.stderr and "Traceback" not in result.stderr
     assert find_runs(tmp_path / "runs") == []
