@@ -13,7 +13,7 @@ from vesuvius_lab.core.inference.blocks import ArrayReader, BlockPlan, Box, halo
 from vesuvius_lab.core.inference.engine import predict_volume
 from vesuvius_lab.core.inference.postprocess import build_chain
 from vesuvius_lab.core.inference.run_kinds import load_run
-from vesuvius_lab.core.inference.volume_predict import chain_halo, default_block
+from vesuvius_lab.core.inference.volume_predict import chain_parts, default_block
 
 SHAPE = (23, 37, 41)  # multiples of nothing
 INFERENCE = {
@@ -101,17 +101,18 @@ class _Chain:
         self.run = type("run", (), {"path": "runs/x/fold0"})()
 
 
-def test_a_chain_of_local_steps_adds_its_halos_and_a_global_step_is_refused():
+def test_a_chain_is_cut_before_its_first_global_step_and_the_blocks_halo_adds_the_local_ones():
     local = [{"plugin": "dilate", "params": {"radius": 2, "iterations": 2}}, {"plugin": "median"},
              {"plugin": "fill_holes", "params": {"mode": "closing", "radius": 3}}, {"plugin": "threshold"}]
-    assert chain_halo(_Chain(local), probabilities=False) == 4 + 1 + 6 + 0
-    assert chain_halo(_Chain(local + [{"plugin": "remove_small_components", "params": {"min_voxels": 5}}]),
-                      probabilities=True) == 0  # probabilities: no chain runs
-    with pytest.raises(UserError, match='"remove_small_components" .* needs the whole volume'):
-        chain_halo(_Chain(local + [{"plugin": "remove_small_components", "params": {"min_voxels": 5}}]),
-                   probabilities=False)
-    with pytest.raises(UserError, match='"threshold#2"'):  # hysteresis joins components ("threshold" names the plain one)
-        chain_halo(_Chain([{"plugin": "threshold", "params": {"low": 0.3, "high": 0.6}}]), probabilities=False)
+    steps, rest, halo = chain_parts(_Chain(local), probabilities=False)
+    assert (len(steps), rest, halo) == (4, (), 4 + 1 + 6 + 0)
+    dust = {"plugin": "remove_small_components", "params": {"min_voxels": 5}}
+    assert chain_parts(_Chain(local + [dust]), probabilities=True) == ((), (), 0)  # probabilities: no chain runs
+    steps, rest, halo = chain_parts(_Chain(local + [dust, {"plugin": "erode"}]), probabilities=False)
+    assert (len(steps), [s.ref.plugin for s in rest], halo) == (4, ["remove_small_components", "erode"], 11)
+    steps, rest, halo = chain_parts(_Chain([{"plugin": "threshold", "params": {"low": 0.3, "high": 0.6}}, *local]),
+                                    probabilities=False)
+    assert (steps, len(rest), halo) == ((), 5, 0)  # hysteresis joins components: global from the first step
 
 
 @pytest.mark.parametrize("name, params", [("dilate", {"radius": 2}), ("erode", {"radius": 1, "iterations": 2}),

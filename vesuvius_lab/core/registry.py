@@ -43,7 +43,12 @@ What each group's factory returns:
                   volume the same result as on the whole volume: a number of voxels (a filter's
                   radius; 0 for a voxel-wise step), ``"global"`` (connected components, anything
                   that looks at the whole volume), or a function of its params returning either.
-                  A post-processor that says nothing is taken as ``"global"``.
+                  A post-processor that says nothing is taken as ``"global"``. A global one may
+                  also give, with ``global_pass=``, a factory like its own (params, context) whose
+                  callable maps a chunked dask array to a dask array with the same result: the
+                  global pass over a large volume then runs it chunk by chunk (see
+                  :mod:`vesuvius_lab.core.inference.global_pass`); without one, the pass takes the
+                  whole array in one task, up to a size limit.
   trackers        (``runs_dir`` is the project's runs folder) an object with ``start(run_dir,
                   params)``, ``log_metrics(metrics, step)``, ``log_artifact(path)`` and
                   ``finish(summary, status)``: the :class:`vesuvius_lab.core.training.tracking.Tracker`
@@ -104,6 +109,7 @@ class Plugin:
     summary: str = ""
     check: Check | None = None
     halo: Halo | Callable[[BaseModel], Halo] = GLOBAL
+    global_pass: Callable[..., Callable[[Any], Any]] | None = None
 
     def halo_of(self, params: BaseModel | dict | None = None) -> Halo:
         """The halo for these params: voxels a block must be read beyond its core, or ``"global"``."""
@@ -113,7 +119,16 @@ class Plugin:
             params = self.Params.model_validate(params or {})
         return self.halo(params)
 
+    def build_global_pass(self, params: BaseModel | dict | None = None, **context: Any) -> Callable[[Any], Any]:
+        """The chunked form of a global post-processor: a function of a dask array (see ``global_pass=``)."""
+        if self.global_pass is None:
+            raise ValueError("this plugin has no chunked form (global_pass=)")
+        return self.global_pass(self._validated(params), **context)
+
     def build(self, params: BaseModel | dict | None = None, **context: Any) -> Any:
+        return self.factory(self._validated(params), **context)
+
+    def _validated(self, params: BaseModel | dict | None) -> BaseModel:
         if not isinstance(params, self.Params):
             try:
                 params = self.Params.model_validate(params or {})
@@ -121,16 +136,18 @@ class Plugin:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
                 raise UserError(f"Invalid params for this plugin: {problems}. `vlab plugins show GROUP NAME` "
                                 "lists its params; `vlab validate` checks an experiment file.") from None
-        return self.factory(params, **context)
+        return params
 
 
 def plugin(params: type[BaseModel] = NoParams, *, summary: str | None = None, check: Check | None = None,
-           halo: Halo | Callable[[BaseModel], Halo] = GLOBAL) -> Callable[[Callable[..., Any]], Plugin]:
+           halo: Halo | Callable[[BaseModel], Halo] = GLOBAL,
+           global_pass: Callable[..., Callable[[Any], Any]] | None = None) -> Callable[[Callable[..., Any]], Plugin]:
     """Decorator turning a factory function into a :class:`Plugin` (summary: its docstring's first line)."""
 
     def wrap(factory: Callable[..., Any]) -> Plugin:
         doc = (factory.__doc__ or "").strip().splitlines()
-        return Plugin(params, factory, summary if summary is not None else (doc[0] if doc else ""), check, halo)
+        return Plugin(params, factory, summary if summary is not None else (doc[0] if doc else ""), check, halo,
+                      global_pass)
 
     return wrap
 

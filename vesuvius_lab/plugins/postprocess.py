@@ -8,7 +8,9 @@ on masks threshold probabilities first (a voxel is surface when its probability 
 threshold) and return uint8 {0, 1} masks; ``median`` keeps probabilities as probabilities.
 
 Each step works on the whole volume with scipy.ndimage, cc3d or a small numba kernel;
-``benchmarks/postprocess.py`` times them on a 320^3 chunk.
+``benchmarks/postprocess.py`` times them on a 320^3 chunk. The steps that need the whole volume
+(hysteresis, dust removal, 3D and per-slice hole filling) also have a chunked form on dask
+(``global_pass=``), which the global pass over a large volume runs with the same result.
 """
 
 from __future__ import annotations
@@ -117,7 +119,25 @@ def hysteresis(probabilities: Volume, low: float, high: float, connectivity: int
     return keep[labels]
 
 
-@plugin(ThresholdParams, halo=lambda p: "global" if p.low is not None else 0)  # hysteresis: components
+def _threshold_chunked(params: ThresholdParams, *, threshold: float = 0.5, **context):
+    from vesuvius_lab.core.inference import chunked
+
+    def step(volume):
+        if not np.issubdtype(volume.dtype, np.floating):
+            return chunked.to_mask(volume, threshold)
+        if params.low is None:
+            return chunked.to_mask(volume, params.value if params.value is not None else threshold)
+        labels, count = chunked.label(volume > params.low, params.connectivity)
+        count = chunked.count_of(count)
+        seeded = chunked.per_label(labels, count, where=volume > params.high, reduce="any")
+        seeded[0] = False
+        return chunked.look_up(labels, seeded)
+
+    return step
+
+
+@plugin(ThresholdParams, halo=lambda p: "global" if p.low is not None else 0,  # hysteresis: components
+        global_pass=_threshold_chunked)
 def threshold(params: ThresholdParams, *, threshold: float = 0.5, **context) -> Step:
     """Probabilities to a mask: one threshold, or hysteresis (weak voxels kept when connected to strong ones)."""
 
@@ -139,7 +159,20 @@ class RemoveSmallParams(_Params):
     connectivity: Connectivity = Field(26, description="Neighbourhood defining a component: 6, 18 or 26.")
 
 
-@plugin(RemoveSmallParams)
+def _remove_small_chunked(params: RemoveSmallParams, *, threshold: float = 0.5, **context):
+    from vesuvius_lab.core.inference import chunked
+
+    def step(volume):
+        labels, count = chunked.label(chunked.to_mask(volume, threshold), params.connectivity)
+        count = chunked.count_of(count)
+        keep = chunked.per_label(labels, count) >= params.min_voxels
+        keep[0] = False
+        return chunked.look_up(labels, keep)
+
+    return step
+
+
+@plugin(RemoveSmallParams, global_pass=_remove_small_chunked)
 def remove_small_components(params: RemoveSmallParams, *, threshold: float = 0.5, **context) -> Step:
     """Remove connected components smaller than min_voxels (dust)."""
     import cc3d
@@ -219,7 +252,30 @@ def fill_holes_slices(mask: np.ndarray, axis: int = 0, max_voxels: int | None = 
     return np.ascontiguousarray(np.moveaxis(out, 0, axis)).astype(np.uint8)
 
 
-@plugin(FillHolesParams, halo=lambda p: 2 * p.radius if p.mode == "closing" else "global")
+def _fill_holes_chunked(params: FillHolesParams, *, threshold: float = 0.5, **context):
+    """3d: the background's 6-connected components that touch no face of the volume (and are small enough);
+    slices: each plane whole in one chunk, filled as in memory."""
+    from vesuvius_lab.core.inference import chunked
+
+    def step(volume):
+        mask = chunked.to_mask(volume, threshold)
+        if params.mode == "slices":
+            whole_planes = {axis: -1 for axis in range(3) if axis != params.axis}
+            return mask.rechunk(whole_planes).map_blocks(
+                fill_holes_slices, params.axis, params.max_hole_voxels, dtype=np.uint8).rechunk(mask.chunks)
+        labels, count = chunked.label(mask == 0, 6)
+        count = chunked.count_of(count)
+        enclosed = ~chunked.on_faces(labels, count)
+        if params.max_hole_voxels is not None:
+            enclosed &= chunked.per_label(labels, count) <= params.max_hole_voxels
+        enclosed[0] = False
+        return mask | chunked.look_up(labels, enclosed)
+
+    return step
+
+
+@plugin(FillHolesParams, halo=lambda p: 2 * p.radius if p.mode == "closing" else "global",
+        global_pass=_fill_holes_chunked)
 def fill_holes(params: FillHolesParams, *, threshold: float = 0.5, **context) -> Step:
     """Fill holes: enclosed 3D cavities, enclosed holes in 2D slices, or gaps in sheets by closing."""
 

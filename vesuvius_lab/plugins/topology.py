@@ -625,7 +625,24 @@ class ClearBorderParams(_Params):
     width: int = Field(1, ge=1, le=64, description="Voxels zeroed at each of the six faces.")
 
 
-@plugin(ClearBorderParams)
+def _clear_border_chunked(params: ClearBorderParams, **context):
+    def step(volume):
+        shape = volume.shape
+
+        def clear(block: np.ndarray, block_info=None) -> np.ndarray:
+            out = block.copy()
+            for axis, (start, stop) in enumerate(block_info[0]["array-location"]):
+                faces = np.moveaxis(out, axis, 0)
+                faces[:max(0, params.width - start)] = 0
+                faces[max(0, shape[axis] - params.width - start):] = 0
+            return out
+
+        return volume.map_blocks(clear, dtype=volume.dtype)
+
+    return step
+
+
+@plugin(ClearBorderParams, global_pass=_clear_border_chunked)
 def clear_border(params: ClearBorderParams, **context) -> Step:
     """Zero the voxels within width of the volume's faces (predictions there lack context); keeps the dtype."""
 

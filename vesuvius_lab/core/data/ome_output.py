@@ -235,6 +235,11 @@ class OmeZarrOutput:
         return tuple(int(n) for n in self._array.chunks)
 
     @property
+    def level0(self):
+        """The zarr array of level 0 (for writers that take a zarr array, such as dask's store)."""
+        return self._array
+
+    @property
     def shard(self) -> Shape3 | None:
         shards = getattr(self._array, "shards", None)
         return tuple(int(n) for n in shards) if shards else None
