@@ -9,10 +9,14 @@ its own process whose peak resident memory is read from the kernel (wait4). Then
 - the compute halos repeat: the windows all blocks predict over the windows the whole volume has;
 - throughput against the peer: a cube cut from the scroll (side --reference, all scroll) predicted in
   memory by `sliding_window` (through the run, as `vlab predict` does for a TIFF) and block-wise with
-  the default block and no support mask, in the same process, voxels per second of each.
+  the default block and no support mask, in the same process, voxels per second of each;
+- `--jobs 2` against one process (the same command, a second output, checked equal bit for bit);
+- the global pass: the run's global chain steps over the predicted probabilities (as the stage the blocks
+  write), on a local dask cluster of --pass-workers processes: its time and each worker's peak memory.
 
     python benchmarks/large_volume.py --run quick-unet25d                   # trains nothing: give a run
     python benchmarks/large_volume.py --run quick-unet25d --sizes 0.25 --reference 256   # quicker
+    python benchmarks/large_volume.py --run quick-unet25d --sizes 0.25 --no-jobs         # no --jobs 2 run
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import _summary
 
-SHAPES = {"0.25": (256, 1024, 1024), "1": (1024, 1024, 1024)}
+SHAPES = {"0.01": (128, 256, 256), "0.25": (256, 1024, 1024), "1": (1024, 1024, 1024)}  # 0.01: a quick try
 
 
 def measured(command: list[str]) -> tuple[float, float]:
@@ -105,12 +109,51 @@ def peer_ratio(run: Path, cube: Path, folder: Path) -> dict:
     return {"voxels": volume.size, "in_memory_s": in_memory, "blocks_s": blocks, "blocks": len(prepared.plan)}
 
 
+def same_levels(first: Path, second: Path) -> bool:
+    import numpy as np
+    import zarr
+
+    a, b = zarr.open_group(first, mode="r"), zarr.open_group(second, mode="r")
+    return all(np.array_equal(a[str(k)][:], b[str(k)][:]) for k in range(6))
+
+
+def global_pass(run: Path, probabilities: Path, folder: Path, workers: int) -> dict:
+    """The run's global chain steps over the probabilities the blocks wrote (as the stage would hold them):
+    seconds, and each dask worker's peak MiB."""
+    import dask.array as da
+    import numpy as np
+
+    from vesuvius_lab.core.data.ome_output import OmeZarrOutput
+    from vesuvius_lab.core.inference.blocks import Box
+    from vesuvius_lab.core.inference.global_pass import create_stage, run_global_pass, split_chain, stage_path
+    from vesuvius_lab.core.inference.run_kinds import load_run
+
+    chain = load_run(run).chain
+    local, rest = split_chain(chain)
+    if not rest:
+        return {}
+    source = da.from_zarr(str(probabilities / "0"))
+    output = OmeZarrOutput.create(folder / "pass.zarr", shape=source.shape, chunks=(128,) * 3)
+    create_stage(output.path, source.shape, (128,) * 3, np.float32)
+    import zarr
+
+    stage = zarr.open_array(str(stage_path(output.path)), mode="r+")
+    (source.astype(np.float32) / np.float32(255)).store(stage, lock=False)  # local steps: none in the quick chains
+    started = time.perf_counter()
+    peaks = run_global_pass(output.path, output.level0, output.write_unit, Box.of_shape(source.shape), rest,
+                            chain.threshold, workers=workers)
+    return {"seconds": time.perf_counter() - started, "steps": [s.label for s in rest], "local": [s.label for s in local],
+            "worker_mib": sorted(peaks.values())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run folder or experiment name (e.g. quick-unet25d)")
     parser.add_argument("--sizes", nargs="+", default=["0.25", "1"], choices=sorted(SHAPES), help="G voxels")
     parser.add_argument("--reference", type=int, default=320, help="side of the in-memory peer's cube")
     parser.add_argument("--workdir", help="where the volumes go (default: a temporary folder, removed after)")
+    parser.add_argument("--no-jobs", action="store_true", help="skip the --jobs 2 run")
+    parser.add_argument("--pass-workers", type=int, default=2, help="dask workers of the global pass")
     _summary.add_argument(parser)
     args = parser.parse_args()
 
@@ -120,7 +163,7 @@ def main() -> None:
     run = resolve_run(args.run, load_project(None).runs_dir).path
     folder = Path(args.workdir or tempfile.mkdtemp(prefix="vlab-large-"))
     folder.mkdir(parents=True, exist_ok=True)
-    rows, summary = [], []
+    rows, summary, jobs_rows, pass_rows = [], [], [], []
     try:
         for size in args.sizes:
             shape = SHAPES[size]
@@ -137,6 +180,20 @@ def main() -> None:
             voxels = math.prod(shape)
             rows.append((size, shape, write_s, write_mib, predict_s, predict_mib, voxels / predict_s, predicted,
                          empty, repeat, resume_s))
+            if not args.no_jobs:
+                two = folder / f"surface-{size}-jobs2.zarr"
+                shutil.rmtree(two, ignore_errors=True)
+                jobs_s, jobs_mib = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(two),
+                                                 "--probabilities", "--jobs", "2"))
+                jobs_rows.append((size, predict_s, jobs_s, jobs_mib, same_levels(out, two)))
+                summary.append(_summary.row("large_volume", f"--jobs 2, {size} G voxels", jobs_s, "s", peer=predict_s,
+                                            peer_name="--jobs 1"))
+            passed = global_pass(run, out, folder, args.pass_workers)
+            if passed:
+                pass_rows.append((size, passed))
+                summary.append(_summary.row("large_volume", f"global pass, {size} G voxels", passed["seconds"], "s"))
+                summary.append(_summary.row("large_volume", f"global pass peak memory per worker, {size} G voxels",
+                                            max(passed["worker_mib"]), "MiB"))
             summary.append(_summary.row("large_volume", f"peak memory, {size} G voxels", predict_mib, "MiB"))
             summary.append(_summary.row("large_volume", f"skipped blocks, {size} G voxels", empty / (predicted + empty),
                                         "share"))
@@ -154,6 +211,15 @@ def main() -> None:
     for size, shape, write_s, write_mib, predict_s, predict_mib, rate, predicted, empty, repeat, resume_s in rows:
         print(f"| {size} | {'x'.join(map(str, shape))} | {write_s:.0f} | {write_mib:.0f} | {predict_s:.0f} | "
               f"{predict_mib:.0f} | {rate / 1e6:.2f} M | {predicted} | {empty} | {repeat - 1:+.1%} | {resume_s:.1f} |")
+    if jobs_rows:
+        print("\n| volume (G voxels) | --jobs 1 s | --jobs 2 s | speed-up | --jobs 2 peak MiB of a process | same output |")
+        print("|---|---|---|---|---|---|")
+        for size, one_s, two_s, two_mib, same in jobs_rows:
+            print(f"| {size} | {one_s:.0f} | {two_s:.0f} | {one_s / two_s:.2f}x | {two_mib:.0f} | {'yes' if same else 'NO'} |")
+    for size, passed in pass_rows:
+        print(f"\nglobal pass, {size} G voxels: {', '.join(passed['steps'])} in {passed['seconds']:.0f} s on "
+              f"{len(passed['worker_mib'])} dask worker(s), peak {', '.join(f'{m:.0f}' for m in passed['worker_mib'])} "
+              "MiB per worker")
     ratio = peer["in_memory_s"] / peer["blocks_s"]
     print(f"\nthroughput on a {round(peer['voxels'] ** (1 / 3))}^3 cube of scroll: in memory "
           f"{peer['voxels'] / peer['in_memory_s'] / 1e6:.2f} M voxels/s (sliding_window), blocks "

@@ -229,21 +229,6 @@ def test_force_never_removes_a_folder_that_is_not_an_output(tiny_run, scroll, tm
     assert "not" in capsys.readouterr().err and (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_a_chain_with_a_global_step_is_refused_with_the_way_to_go_on(tiny_run, scroll, tmp_path, capsys):
-    runs = tmp_path / "runs"
-    copy = runs / "tiny-global" / Path(tiny_run).name
-    shutil.copytree(tiny_run, copy)
-    spec = json.loads((copy / "spec.json").read_text())
-    spec["postprocess"] = [{"plugin": "remove_small_components", "params": {"min_voxels": 10}}]
-    (copy / "spec.json").write_text(json.dumps(spec))
-    out = tmp_path / "global.zarr"
-    assert predict(copy, scroll, out, *SMALL) == 2
-    error = " ".join(capsys.readouterr().err.split())
-    assert "remove_small_components" in error and "--probabilities" in error and "global pass" in error
-    assert not out.exists()
-    assert predict(copy, scroll, out, *SMALL, "--probabilities") == 0
-
-
 def test_a_volume_served_over_http_predicts_as_the_local_one(tiny_run, scroll, tmp_path):
     """A real HTTP server on 127.0.0.1 serves the scroll's folder; the prediction read through it equals
     the local one (the ROI of a remote scroll, as users predict them)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -124,11 +125,11 @@ def _print_result(run, label: str) -> None:
 
 
 @cli.command()
-@click.argument("run_dir")
-@click.option("--input", "-i", "source", required=True, type=click.Path(),
+@click.argument("run_dir", required=False)
+@click.option("--input", "-i", "source", type=click.Path(),
               help="A .tif volume or a folder of them; with --output OUT.zarr: a volume of any size (zarr v2/v3, "
                    "OME-Zarr, TIFF), a path or an http(s):// URL.")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+@click.option("--output", "-o", type=click.Path(file_okay=False),
               help="Folder for <id>.tif masks; or OUT.zarr: an OME-Zarr written block by block (see below).")
 @click.option("--probabilities", is_flag=True, help="Also write float16 probabilities, as OUTPUT/probabilities/<id>.tif; "
                                                     "with OUT.zarr: write probabilities x255 instead of the mask.")
@@ -149,12 +150,25 @@ def _print_result(run, label: str) -> None:
 @click.option("--resume", is_flag=True, help="OUT.zarr: go on with an output made by the same command; done blocks "
                                              "are skipped.")
 @click.option("--force", is_flag=True, help="OUT.zarr: remove an earlier output of vlab predict there and start over.")
+@click.option("--jobs", "-j", type=click.IntRange(min=1),
+              help="OUT.zarr: worker processes sharing the blocks (one per GPU, or a share of the cores); with "
+                   "--launcher slurm: array tasks (default: one per 4 blocks, at most 256).")
+@click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
+              help="OUT.zarr: slurm: a SLURM job array over the blocks through submitit ([launcher] in "
+                   "vesuvius.toml); submitit-local: the same path on this machine.")
+@click.option("--wait/--no-wait", default=True, help="OUT.zarr with --launcher: --no-wait returns after submitting; "
+                                                     "the same command with --resume finishes the output later.")
+@click.option("--dask", "dask_address", metavar="ADDRESS",
+              help="OUT.zarr: the dask scheduler of the global pass (default: a local cluster, one worker per core).")
+@click.option("--status", "status_of", type=click.Path(file_okay=False), metavar="OUT.zarr",
+              help="Say how many blocks of an output are done, failed and left, and where failed blocks' logs are.")
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="The checkpoint of a run trained by the core loop: best (validation) or last (final epoch).")
 @click.pass_obj
 def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides, checkpoint, level, bbox, block,
-            support_mask, support_threshold, zarr_format, chunk, shard, resume, force):
+            support_mask, support_threshold, zarr_format, chunk, shard, resume, force, jobs, launcher, wait,
+            dask_address, status_of):
     """Predict volumes with a trained run (a run folder, an experiment name for its newest finished run, or
     `best` for the leaderboard's first row): masks after the run's post-processing chain.
 
@@ -162,18 +176,31 @@ def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrid
     --output OUT.zarr: a volume of any size, block by block, into an OME-Zarr (uint8: masks
     0/255, probabilities x255; levels 1-5; VC3D's meta.json). Each block equals the whole-volume
     prediction there; a killed run continues with --resume, losing at most the block in flight.
+    --jobs N shares the blocks between N processes, --launcher slurm between the tasks of a job
+    array; chain steps that need the whole volume run after the blocks, on dask (--dask).
+    `vlab predict --status OUT.zarr` says how far an output is.
     """
+    if status_of:
+        _print_volume_status(Path(status_of))
+        return
+    missing = [name for name, value in (("RUN", run_dir), ("--input", source), ("--output", output)) if not value]
+    if missing:
+        raise UserError(f"vlab predict: give {', '.join(missing)} (vlab predict RUN --input VOLUME --output OUT), "
+                        "or --status OUT.zarr to see how far an output is.")
     if str(output).rstrip("/").lower().endswith(".zarr"):
         from vesuvius_lab.core.inference.volume_predict import VolumeRequest
 
         request = VolumeRequest(
             input=source, output=Path(output), level=level, bbox=bbox, block=_block_sides(block),
             probabilities=probabilities, support=support_mask, support_threshold=support_threshold,
-            zarr_format=int(zarr_format), chunk=chunk, shard=shard, resume=resume, force=force, checkpoint=checkpoint)
-        _predict_large(obj, run_dir, request, overrides)
+            zarr_format=int(zarr_format), chunk=chunk, shard=shard, resume=resume, force=force, checkpoint=checkpoint,
+            dask=dask_address)
+        _predict_large(obj, run_dir, request, overrides, jobs=jobs, launcher=launcher, wait=wait)
         return
     zarr_only = {"--level": level is not None, "--bbox": bbox, "--block": block, "--shard": shard, "--resume": resume,
-                 "--force": force, "--zarr-format": zarr_format != "2", "--support-mask": support_mask != "auto"}
+                 "--force": force, "--zarr-format": zarr_format != "2", "--support-mask": support_mask != "auto",
+                 "--jobs": jobs is not None, "--launcher": launcher != "local", "--dask": dask_address,
+                 "--no-wait": not wait}
     if any(zarr_only.values()):
         raise UserError(f"{', '.join(k for k, v in zarr_only.items() if v)}: options of whole-volume prediction, "
                         "which writes an OME-Zarr: give --output OUT.zarr (a name ending in .zarr).")
@@ -291,44 +318,157 @@ def _block_sides(text: str | None) -> tuple[int, int, int] | None:
     return tuple(sides * 3 if len(sides) == 1 else sides)
 
 
-def _predict_large(obj: ProjectContext, run_dir: str, request, overrides) -> None:
-    """``vlab predict ... --output OUT.zarr``: plan, predict the blocks not done yet, then the pyramid."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+def _predict_large(obj: ProjectContext, run_dir: str, request, overrides, *, jobs: int | None = None,
+                   launcher: str = "local", wait: bool = True) -> None:
+    """``vlab predict ... --output OUT.zarr``: plan, predict the blocks not done yet (in this process, in
+    ``jobs`` local workers, or as a job array), then the global pass and the pyramid."""
     from vesuvius_lab.core import interrupts
     from vesuvius_lab.core.inference.run_kinds import load_run
     from vesuvius_lab.core.inference.volume_predict import finish, pending_blocks, predict_blocks, prepare
+    from vesuvius_lab.core.launch.predict_jobs import WorkerOrder
 
     path = _run_path(obj, run_dir)
-    predictor = load_run(path, device=_device(obj), overrides=_checked_overrides(path, overrides),
-                         checkpoint_name=request.checkpoint)
-    with interrupts.stop_signals(at="after this block"):
+    device = _device(obj)
+    checked = _checked_overrides(path, overrides)
+    predictor = load_run(path, device=device, overrides=checked, checkpoint_name=request.checkpoint)
+    with interrupts.stop_signals(at="after the blocks in flight"):
         prepared = prepare(predictor, request)
         todo = pending_blocks(prepared)
         total = len(prepared.plan)
+        before = total - len(todo)
         err.print(f"{_escape(str(request.output))}: {total} block(s) of {'x'.join(map(str, prepared.plan.block))} over "
-                  f"{prepared.plan.region} of {'x'.join(map(str, prepared.source.shape))}; {total - len(todo)} done "
-                  f"before, halo {prepared.halo} voxel(s) for the chain")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
-            task = bar.add_task("blocks", total=total, completed=total - len(todo))
-
-            def advanced(block, predicted) -> None:
-                counts = prepared.counts
-                bar.update(task, advance=1, description=f"blocks ({counts['predicted']} predicted, "
-                                                        f"{counts['empty']} without scroll)")
-
+                  f"{prepared.plan.region} of {'x'.join(map(str, prepared.source.shape))}; {before} done "
+                  f"before, halo {prepared.halo} voxel(s) for the chain"
+                  + (f"; then a global pass for {', '.join(s.label for s in prepared.global_steps)}"
+                     if prepared.global_steps else ""))
+        order = WorkerOrder(str(path), device, tuple(checked), request)
+        failed: dict[str, str] = {}
+        problems: list[str] = []
+        with _block_progress(total, before) as progress:
             try:
-                predict_blocks(prepared, todo, on_block=advanced)
+                if todo and launcher != "local":
+                    problems = _submitted_blocks(obj, prepared, todo, order, launcher, jobs, wait, progress)
+                    if not wait:
+                        return
+                elif todo and (jobs or 1) > 1:
+                    from vesuvius_lab.core.launch.predict_jobs import predict_with_workers
+
+                    outcome = predict_with_workers(prepared, todo, order, jobs, on_block=progress.block)
+                    failed = outcome.failed
+                    problems = [f"a worker ended with exit code {code}: its block in flight is left"
+                                for code in outcome.died]
+                elif todo:
+                    from vesuvius_lab.core.launch.predict_jobs import predict_recording_failure
+
+                    def one_at_a_time(block):
+                        predicted, error = predict_recording_failure(prepared, block)
+                        if error is not None:
+                            failed[block.name] = error
+                        progress.block(block, predicted, error)
+
+                    for block in todo:
+                        interrupts.check()  # a stop signal is acted on between blocks
+                        one_at_a_time(block)
             except KeyboardInterrupt:
-                done = total - len(todo) + prepared.counts["predicted"] + prepared.counts["empty"]
-                err.print(f"stopped with {done} of {total} block(s) done; the same command with --resume goes on")
+                err.print(f"stopped with {total - len(pending_blocks(prepared))} of {total} block(s) done; the "
+                          "same command with --resume goes on")
                 raise
-        finish(prepared)
-    counts = prepared.counts
+        left = pending_blocks(prepared)
+        if left:
+            _blocks_left(request.output, total, left, failed, problems)
+        built = finish(prepared)
+    counts = progress.counts
+    if not built:
+        out.print(f"{_escape(str(request.output))} is complete already; nothing to do")
+        return
     out.print(f"wrote {_escape(str(request.output))}: {counts['predicted']} block(s) predicted, {counts['empty']} "
-              f"without scroll, {total - len(todo)} done before; levels 0-5, meta.json")
+              f"without scroll, {before} done before"
+              + (f"; global pass: {', '.join(s.label for s in prepared.global_steps)}" if prepared.global_steps else "")
+              + "; levels 0-5, meta.json")
+
+
+class _BlockProgress:
+    """One progress bar over the blocks, wherever they run."""
+
+    def __init__(self, bar, task, total: int, before: int):
+        self.bar, self.task, self.total, self.before = bar, task, total, before
+        self.counts = {"predicted": 0, "empty": 0, "failed": 0}
+
+    def block(self, block, predicted, error=None) -> None:
+        self.counts["failed" if error else "predicted" if predicted else "empty"] += 1
+        self.bar.update(self.task, advance=1, description=self._describe())
+
+    def done_so_far(self, done: int) -> None:
+        self.bar.update(self.task, completed=done, description=f"blocks ({done - self.before} done now)")
+
+    def _describe(self) -> str:
+        counts = self.counts
+        failed = f", {counts['failed']} failed" if counts["failed"] else ""
+        return f"blocks ({counts['predicted']} predicted, {counts['empty']} without scroll{failed})"
+
+
+@contextmanager
+def _block_progress(total: int, before: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        yield _BlockProgress(bar, bar.add_task("blocks", total=total, completed=before), total, before)
+
+
+def _submitted_blocks(obj: ProjectContext, prepared, todo, order, launcher: str, jobs, wait: bool, progress) -> list[str]:
+    from vesuvius_lab.core.launch.predict_array import submit_blocks, wait_for
+
+    project = obj.project()
+    tasks = jobs or min(256, max(1, -(-len(todo) // 4)))
+    folder = project.launcher_dir / "predict"
+    submitted = submit_blocks(prepared, todo, order, kind=launcher, tasks=tasks, settings=project.settings.launcher,
+                              folder=folder)
+    ids = [str(job.job_id) for job in submitted.jobs]
+    err.print(f"submitted {len(todo)} block(s) as {len(ids)} task(s): {', '.join(ids[:4])}"
+              f"{' ...' if len(ids) > 4 else ''} (logs under {_escape(str(folder))})")
+    if not wait:
+        for job_id in ids:
+            click.echo(job_id)
+        err.print(f"`vlab predict --status {_escape(str(order.request.output))}` says how far it is; the same command "
+                  "with --resume then finishes the output (the global pass and the pyramid).")
+        return []
+    return wait_for(submitted, prepared, on_progress=progress.done_so_far)
+
+
+def _blocks_left(output, total: int, left, failed: dict, problems: list[str]) -> None:
+    lines = [f"{output}: {len(left)} of {total} block(s) are not done, so the output is not finished."]
+    for name, error in list(failed.items())[:5]:
+        lines.append(f"  block {name} failed: {error}")
+    if len(failed) > 5:
+        lines.append(f"  ... and {len(failed) - 5} more failed block(s)")
+    lines += [f"  {problem}" for problem in problems]
+    lines.append(f"`vlab predict --status {output}` lists them with their logs; the same command with --resume "
+                 "predicts only those (nothing done is lost).")
+    raise UserError("\n".join(lines))
+
+
+def _print_volume_status(output: Path) -> None:
+    from vesuvius_lab.core.inference.volume_status import volume_status
+
+    status = volume_status(output)
+    out.print(f"{_escape(str(output))}: {status.blocks} block(s): {status.done} done ({status.predicted} predicted, "
+              f"{status.empty} without scroll), {len(status.failed)} failed, {len(status.left)} left"
+              + ("; complete" if status.complete else ""))
+    for name, record in status.failed.items():
+        out.print(f"  failed {name}: {_escape(str(record.get('error')))}"
+                  + (f" (log: {_escape(str(record['log']))})" if record.get("log") else "")
+                  + (f" on {_escape(str(record.get('host')))}" if record.get("host") else ""))
+    if status.left:
+        shown = ", ".join(status.left[:8]) + (" ..." if len(status.left) > 8 else "")
+        out.print(f"  left: {shown}")
+    if status.submissions:
+        last = status.submissions[-1]
+        out.print(f"  last submission: {len(last.get('jobs', []))} task(s) over {last.get('blocks')} block(s), job(s) "
+                  f"{', '.join(last.get('jobs', [])[:4])}; logs under {_escape(str(last.get('log_folder')))}")
+    if not status.complete and (status.left or status.failed):
+        out.print("  the command that made it, with --resume, predicts what is left")
 
 
 def _run_path(obj: ProjectContext, text: str) -> Path:

@@ -13,6 +13,10 @@ once every block is done. Each block:
    (:meth:`vesuvius_lab.core.registry.Plugin.halo_of`), exactly as the whole volume would be
    predicted there (:mod:`vesuvius_lab.core.inference.blocks`), zeroes what lies outside the support,
    applies the chain (mask mode) and writes its core as uint8: masks 0/255, probabilities x255.
+
+A chain with a step that needs the whole volume (a "global" halo) is cut before that step: the
+blocks apply the steps before it and write their result to the stage, and :func:`finish` runs the
+rest over the stage on dask (:mod:`vesuvius_lab.core.inference.global_pass`) before the pyramid.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -33,6 +38,8 @@ from vesuvius_lab.core import registry
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.block_records import BlockRecords
 from vesuvius_lab.core.inference.blocks import Block, BlockPlan, Box, Reader, parse_bbox
+from vesuvius_lab.core.inference.global_pass import (apply_local, chunked_steps, create_stage, local_halo, open_stage,
+                                                     output_dtype, remove_stage, run_global_pass, split_chain)
 from vesuvius_lab.core.inference.run_kinds import RunPredictor
 from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run
 
@@ -63,6 +70,8 @@ class VolumeRequest:
     resume: bool = False
     force: bool = False
     checkpoint: str = "best"
+    dask: str | None = None  # the global pass's scheduler address; None: a local cluster
+    dask_workers: int | None = None  # the local cluster's worker processes; None: one per core
 
 
 @dataclass
@@ -78,29 +87,21 @@ class Prepared:
     output: object  # OmeZarrOutput
     records: BlockRecords
     fingerprint: str
+    local_steps: tuple = ()  # the chain's steps the blocks apply (all of them without a global step)
+    global_steps: tuple = ()  # from the chain's first global step on: the global pass applies them
+    stage: object = None  # with global steps: the zarr array the blocks write, the pass reads
     counts: dict = field(default_factory=lambda: {"predicted": 0, "empty": 0, "done before": 0})
 
 
 # --------------------------------------------------------------------------- checks before any work
 
 
-def chain_halo(predictor: RunPredictor, probabilities: bool) -> int:
-    """Voxels a block must be predicted beyond its core for its chain's steps; refuses a global step."""
+def chain_parts(predictor: RunPredictor, probabilities: bool) -> tuple[tuple, tuple, int]:
+    """(the steps the blocks apply, the steps the global pass applies, the blocks' halo in voxels)."""
     if probabilities:
-        return 0
-    total = 0
-    for step in predictor.chain.steps:
-        halo = registry.load("postprocessors", step.ref.plugin).halo_of(step.ref.params)
-        if halo == registry.GLOBAL:
-            raise UserError(
-                f'post-processing step "{step.label}" of {predictor.run.path} needs the whole volume at once '
-                "(connected components, or a look at the volume's faces), so it cannot run block by block. "
-                "Predict probabilities (--probabilities) and apply the chain's global steps in the global "
-                "pass over the written output (`vlab predict` does not run it yet), or predict a mask with a "
-                "run whose chain has only local steps (threshold, dilate, erode, median, smooth, sheetness, "
-                "close, fill_holes with mode closing).")
-        total += int(halo)
-    return total
+        return (), (), 0
+    local, rest = split_chain(predictor.chain)
+    return local, rest, local_halo(local)
 
 
 def default_block(inference, window, chunk: int, shard: int | None) -> tuple[int, int, int]:
@@ -241,7 +242,7 @@ def prepare(predictor: RunPredictor, request: VolumeRequest) -> Prepared:
     if len(source.shape) != 3:
         raise UserError(f"{request.input}: a {len(source.shape)}D array; a volume to predict is 3D (z, y, x).")
     region = parse_bbox(request.bbox, source.shape) if request.bbox else Box.of_shape(source.shape)
-    halo = chain_halo(predictor, request.probabilities)
+    local_steps, global_steps, halo = chain_parts(predictor, request.probabilities)
     block = tuple(request.block) if request.block else default_block(
         predictor.spec.inference, predictor.spec.inference_window, request.chunk, request.shard)
     _check_block(block, request.chunk, request.shard)
@@ -249,11 +250,22 @@ def prepare(predictor: RunPredictor, request: VolumeRequest) -> Prepared:
         raise UserError(f"--shard {request.shard}: a shard holds whole chunks; give a multiple of --chunk "
                         f"{request.chunk}.")
     plan = BlockPlan(tuple(source.shape), region, block)
+    if global_steps:  # a global step the pass cannot take is refused now, not after the blocks
+        chunked_steps(global_steps, threshold=predictor.chain.threshold, voxels=region.size)
     support = open_support(request, source)
     parts = fingerprint_parts(predictor, request, source, block)
     fingerprint = fingerprint_of(parts)
     output, records = _open_output(request, source, parts, fingerprint, predictor)
-    return Prepared(request, predictor, source, plan, halo, support, output, records, fingerprint)
+    record = records.read_plan() or {}
+    if record.get("plan") != plan.to_json():  # the blocks of this command (its --bbox), for --status
+        records.write_plan({**record, "plan": plan.to_json()})
+    stage = None
+    if global_steps and not output.attrs.get("complete"):
+        if not (records.root / "stage").exists():
+            create_stage(request.output, source.shape, output.chunks, output_dtype(local_steps))
+        stage = open_stage(request.output)
+    return Prepared(request, predictor, source, plan, halo, support, output, records, fingerprint,
+                    local_steps, global_steps, stage)
 
 
 def _open_output(request: VolumeRequest, source, parts: dict, fingerprint: str, predictor: RunPredictor):
@@ -320,26 +332,54 @@ def pending_blocks(prepared: Prepared) -> list[Block]:
     return [block for block in prepared.plan.blocks() if prepared.records.done(block) is None]
 
 
+@contextmanager
+def thread_independent() -> Iterator[None]:
+    """Convolutions whose results do not depend on the number of CPU threads: oneDNN's do (by up to 5e-7,
+    enough to move a voxel across a rounding step of the uint8 output), PyTorch's own do not, so a block
+    predicted by one of N workers (1/N of the cores) equals the same block predicted by one process.
+    No effect on a GPU; on the CPU, 3D convolutions take up to 1.8x longer, 2D ones about as long."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # setting the flags also sets oneDNN's TF32 switch, which warns without an Intel GPU
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
 def predict_one(prepared: Prepared, block: Block) -> bool:
     """Predict, write and record one block; False when it held no scroll (nothing predicted)."""
     started = time.monotonic()
     region = block.core.grow(prepared.halo, Box.of_shape(prepared.source.shape))
     support = prepared.support.of(region)  # the chain's halo too: a step such as dilate reaches into the core
     if support is not None and not support.any():
-        prepared.output.write(block.core.slices, np.zeros(block.core.shape, np.uint8))  # drops stale chunks
+        _write(prepared, block, None)  # drops stale chunks
         prepared.records.mark_done(block, predicted=False, seconds=time.monotonic() - started)
         return False
-    probabilities = prepared.predictor.blocks(prepared.source, region)
+    with thread_independent():
+        probabilities = prepared.predictor.blocks(prepared.source, region)
     if support is not None:
         probabilities[~support] = 0
     inner = block.core.relative_to(region)
     if prepared.request.probabilities:
         values = np.rint(probabilities[inner] * 255).astype(np.uint8)
+    elif prepared.stage is not None:  # the global pass applies the rest of the chain
+        values = np.asarray(apply_local(prepared.local_steps, probabilities))[inner]
     else:
         values = (prepared.predictor.chain.apply(probabilities)[inner] * 255).astype(np.uint8)
-    prepared.output.write(block.core.slices, values)
+    _write(prepared, block, values)
     prepared.records.mark_done(block, predicted=True, seconds=time.monotonic() - started)
     return True
+
+
+def _write(prepared: Prepared, block: Block, values: np.ndarray | None) -> None:
+    """A block's core: to the stage when the global pass comes after, else to the output (None: zeros)."""
+    if prepared.stage is not None:
+        dtype = prepared.stage.dtype
+        prepared.stage[block.core.slices] = np.zeros(block.core.shape, dtype) if values is None else values.astype(dtype, copy=False)
+    else:
+        prepared.output.write(block.core.slices, np.zeros(block.core.shape, np.uint8) if values is None else values)
 
 
 def predict_blocks(prepared: Prepared, blocks: Iterable[Block], *,
@@ -354,13 +394,22 @@ def predict_blocks(prepared: Prepared, blocks: Iterable[Block], *,
         on_block(block, predicted)
 
 
-def finish(prepared: Prepared, *, progress: bool = True) -> None:
-    """Once every block is done: the pyramid (levels 1-5: max of masks, mean of probabilities) and VC3D's
-    ``meta.json``; the output is then marked complete."""
+def finish(prepared: Prepared, *, progress: bool = True) -> bool:
+    """Once every block is done: the global pass (when the chain has global steps), the pyramid (levels
+    1-5: max of masks, mean of probabilities) and VC3D's ``meta.json``; the output is then marked complete
+    (False: it was complete already, nothing done)."""
     output = prepared.output
+    if output.attrs.get("complete"):
+        return False
+    if prepared.global_steps:
+        request = prepared.request
+        run_global_pass(request.output, output.level0, output.write_unit, prepared.plan.region, prepared.global_steps,
+                        prepared.predictor.chain.threshold, address=request.dask, workers=request.dask_workers)
     output.build_pyramid(PYRAMID_LEVELS, reduce="mean" if prepared.request.probabilities else "max",
                          progress=progress)
     scale = prepared.source.scale
     output.write_meta_json(name=Path(prepared.request.output).stem,
                            voxel_size=float(scale[0]) if len(set(scale)) == 1 else None)
     output.update_attrs(complete=True, region=prepared.plan.region.to_json(), finished=_now())
+    remove_stage(prepared.request.output)
+    return True

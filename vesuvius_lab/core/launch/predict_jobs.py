@@ -1,0 +1,163 @@
+"""``vlab predict RUN --input VOLUME --output OUT.zarr --jobs N``: N processes on this machine share the blocks.
+
+The parent plans the blocks and creates (or reopens) the output; then each worker, a spawned process
+on its own slot (one GPU, or an equal share of the cores: :mod:`vesuvius_lab.core.launch.slots`),
+opens the run and the output itself and takes block after block from one queue, so a faster worker
+does more. Each block is recorded done by the worker that wrote it, as in one process, so the
+output equals a one-process run's bit for bit. The parent shows one progress bar for every worker.
+
+A stop signal (Ctrl-C, SIGTERM) reaches every worker, which stops after its block in flight; a
+worker that dies (killed, out of memory) loses only its block in flight; a block that raises is
+recorded failed with its traceback in ``OUT.zarr/.vlab/logs/``, and the other blocks go on. The
+same command with ``--resume`` then predicts only what is left.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from vesuvius_lab.core import children, interrupts
+from vesuvius_lab.core.inference.blocks import Block
+from vesuvius_lab.core.inference.volume_predict import Prepared, VolumeRequest
+from vesuvius_lab.core.launch.slots import machine_pool, pin_from_environment
+
+
+@dataclass(frozen=True)
+class WorkerOrder:
+    """What a worker needs to open the run and the output as the parent did."""
+
+    run: str
+    device: str
+    overrides: tuple[str, ...]
+    request: VolumeRequest
+
+
+@dataclass
+class SharedOutcome:
+    """What the workers did: blocks done, failed (name -> error), and workers that died (exit codes)."""
+
+    done: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    died: list[int] = field(default_factory=list)
+
+
+def block_log(prepared: Prepared, block: Block) -> Path:
+    return prepared.records.root / "logs" / f"{block.name}.log"
+
+
+def predict_recording_failure(prepared: Prepared, block: Block, log: Path | None = None) -> tuple[bool | None, str | None]:
+    """Predict one block; an exception is recorded as the block's failure (traceback in ``log``, by
+    default ``.vlab/logs/<block>.log``) instead of ending the worker: (predicted, None) or (None, error)."""
+    from vesuvius_lab.core.inference.volume_predict import predict_one
+
+    try:
+        return predict_one(prepared, block), None
+    except (interrupts.Interrupted, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded with its traceback; the other blocks go on
+        error = f"{type(exc).__name__}: {exc}"
+        if log is None:
+            log = block_log(prepared, block)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+        prepared.records.mark_failed(block, error, log)
+        return None, error
+
+
+def open_prepared(order: WorkerOrder) -> Prepared:
+    """The run and the output, opened as the parent planned them (never created, never removed)."""
+    from vesuvius_lab.core.inference.run_kinds import load_run
+    from vesuvius_lab.core.inference.volume_predict import prepare
+
+    predictor = load_run(Path(order.run), device=order.device, overrides=list(order.overrides),
+                         checkpoint_name=order.request.checkpoint)
+    return prepare(predictor, replace(order.request, resume=True, force=False))
+
+
+def _worker(order: WorkerOrder, tasks, results, parent: int) -> None:
+    children.adopt(children.Parent(parent, True), signum=signal.SIGTERM)
+    pin_from_environment()
+    try:
+        with interrupts.stop_signals(at="after this block"):
+            prepared = open_prepared(order)
+            while True:
+                interrupts.check()
+                try:
+                    block = tasks.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if block is None:
+                    return
+                predicted, error = predict_recording_failure(prepared, block)
+                results.put((block.name, predicted, error))
+    except interrupts.Interrupted:
+        return
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in os.environ while a spawned child starts (it inherits them), then as before."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrder, jobs: int, *,
+                         on_block: Callable[[Block, bool | None, str | None], None]) -> SharedOutcome:
+    """Run ``todo`` on ``jobs`` worker processes; ``on_block(block, predicted, error)`` after each.
+    Raises :class:`~vesuvius_lab.core.interrupts.Interrupted` after every worker stopped, when a stop
+    signal came."""
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    for block in todo:
+        tasks.put(block)
+    pool = machine_pool(jobs, order.device)
+    workers = []
+    for _ in range(max(1, min(jobs, len(todo)))):
+        lease = pool.take(1)
+        with _environment(lease.environment()):
+            worker = context.Process(target=_worker, args=(order, tasks, results, os.getpid()), daemon=False)
+            worker.start()
+        workers.append(worker)
+    for _ in workers:
+        tasks.put(None)  # one end mark per worker, after every block
+    by_name = {block.name: block for block in todo}
+    outcome = SharedOutcome()
+    with interrupts.passed_on() as new_signals:
+        while True:
+            for signum in new_signals():
+                for worker in workers:
+                    if worker.is_alive():
+                        os.kill(worker.pid, signal.SIGTERM)  # each stops after its block in flight
+            try:
+                name, predicted, error = results.get(timeout=0.25)
+            except queue.Empty:
+                if not any(worker.is_alive() for worker in workers):
+                    break
+                continue
+            if error is None:
+                outcome.done += 1
+            else:
+                outcome.failed[name] = error
+            on_block(by_name[name], predicted, error)
+    for worker in workers:
+        worker.join()
+        if worker.exitcode not in (0, None):
+            outcome.died.append(worker.exitcode)
+    tasks.cancel_join_thread()
+    return outcome
