@@ -400,3 +400,24 @@ def test_programs_started_with_popen_end_with_their_killed_parent(tmp_path):
     found = _descendants(parent.pid)
     assert len(found) == 2
     _kill_and_check_nothing_is_left(parent, found)
+
+
+# --------------------------------------------------------------------------- block workers of a large volume
+
+
+def test_the_block_workers_of_a_killed_vlab_predict_jobs_end(tiny_run, tmp_path):
+    """``vlab predict ... --output OUT.zarr --jobs 2``: spawned block workers and their resource tracker."""
+    from vesuvius_lab.core.data.synthetic_zarr import write_scroll_zarr
+
+    scroll = write_scroll_zarr(tmp_path / "scroll.zarr", (48, 96, 96), seed=1, chunks=(16,) * 3, progress=False)
+    out = tmp_path / "out.zarr"
+    parent = _started(subprocess.Popen(
+        [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", "predict", str(tiny_run), "--input", str(scroll),
+         "--output", str(out), "--chunk", "16", "--block", "16", "--support-mask", "none", "--jobs", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    found = _wait_for_descendants(parent, lambda commands: _count(commands, SPAWNED) >= 2)
+    deadline = time.time() + 120
+    while not list((out / ".vlab" / "done").glob("*.json")) and time.time() < deadline:  # the workers are at work
+        assert parent.poll() is None, parent.communicate()
+        time.sleep(0.1)
+    _kill_and_check_nothing_is_left(parent, found)

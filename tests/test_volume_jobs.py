@@ -141,3 +141,38 @@ def test_status_of_a_folder_that_is_no_output_is_a_message(tmp_path, capsys):
 def test_predict_without_run_or_output_says_what_to_give(tmp_path, capsys):
     assert vlab("predict") == 2
     assert "give RUN, --input, --output" in " ".join(capsys.readouterr().err.split())
+
+
+def test_ctrl_c_stops_every_worker_after_its_block_and_resume_completes_the_same_output(tiny_run, scroll, tmp_path):
+    options = ["--chunk", "16", "--block", "16", "--support-mask", "none", "--probabilities"]
+    whole = tmp_path / "whole.zarr"
+    assert predict(tiny_run, scroll, whole, *options) == 0
+    out = tmp_path / "stopped.zarr"
+    command = [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", "predict", str(tiny_run), "--input", str(scroll),
+               "--output", str(out), *options, "--jobs", "2"]
+    process = _start(command)
+    deadline = time.monotonic() + 300
+    while _blocks_done(out) < 4 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGINT)  # to the parent alone: it passes the stop on to its workers
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130 and "--resume" in error, error
+    workers = {json.loads(p.read_text())["pid"] for p in (out / ".vlab" / "done").glob("*.json")}
+    assert len(workers) == 2 and not any(_alive(pid) for pid in workers)
+    stopped = _blocks_done(out)
+    assert stopped < _blocks_done(whole)
+    assert predict(tiny_run, scroll, out, *options, "--jobs", "2", "--resume") == 0
+    for index in range(6):
+        assert np.array_equal(level(out, index), level(whole, index)), index
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not running
+        return stat.read().split(")")[-1].split()[0] != "Z"

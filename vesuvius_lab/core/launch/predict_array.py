@@ -99,6 +99,7 @@ def wait_for(submitted: Submitted, prepared: Prepared, *, on_progress: Callable[
             if all(job.done() for job in submitted.jobs):
                 break
             time.sleep(0.5)
+    interrupts.check()  # stopped by a signal: the tasks are cancelled, say so (exit 130/143)
     for job in submitted.jobs:
         problems += _ending(job)
     on_progress(len(prepared.records.done_names()))

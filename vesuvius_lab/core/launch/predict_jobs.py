@@ -160,4 +160,5 @@ def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrd
         if worker.exitcode not in (0, None):
             outcome.died.append(worker.exitcode)
     tasks.cancel_join_thread()
+    interrupts.check()  # stopped by a signal: say so (exit 130/143), not as blocks left
     return outcome
