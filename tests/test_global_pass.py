@@ -103,3 +103,23 @@ def test_pass_chunks_cover_the_region_and_end_on_the_output_chunk_grid(region, u
         assert sum(sizes) == box.shape[axis] and min(sizes) > 0
         edges = np.cumsum(sizes)[:-1] + box.start[axis]
         assert all(edge % unit[axis] == 0 for edge in edges)
+
+
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
+def test_chunked_labels_are_the_components_of_scipy_and_dask_image(connectivity):
+    """The same partition of the voxels (labels may be numbered otherwise), with components that cross
+    chunk faces, edges and corners."""
+    from dask_image import ndmeasure
+
+    from vesuvius_lab.core.inference import chunked
+
+    mask = sheets((21, 26, 19), seed=connectivity) > 0.62
+    expected, count = ndimage.label(mask, chunked.structure(connectivity))
+    with dask.config.set(scheduler="synchronous"):
+        labels, found = chunked.label(da.from_array(mask, chunks=(7, 9, 6)), connectivity)
+        labels = labels.compute()
+        peer = ndmeasure.label(da.from_array(mask, chunks=(7, 9, 6)), chunked.structure(connectivity))[0].compute()
+    assert found == count > 10
+    for other in (labels, peer):
+        pairs = np.unique(np.stack([expected.ravel(), other.ravel()]), axis=1)
+        assert len(pairs[0]) == count + 1 and len(np.unique(pairs[1])) == count + 1  # one to one

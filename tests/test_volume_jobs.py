@@ -18,6 +18,8 @@ from vesuvius_lab.cli import main
 from vesuvius_lab.core.inference.run_kinds import load_run
 
 SLURM_OPTIONS = ["--chunk", "16", "--block", "16", "--support-mask", "none", "--probabilities"]
+#: The global pass in chunks of 32: components cross chunk faces (the default, 256, holds these volumes whole).
+PASS = ["--pass-chunk", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_jobs_2_writes_the_output_of_one_process_bit_for_bit(dilating_run, scrol
 
 def test_the_global_pass_equals_the_whole_volume_chain(global_run, scroll, volume, tmp_path, capsys):
     out = tmp_path / "global.zarr"
-    assert predict(global_run, scroll, out, *SMALL, "--jobs", "2") == 0
+    assert predict(global_run, scroll, out, *SMALL, *PASS, "--jobs", "2") == 0
     assert "global pass" in capsys.readouterr().out
     predictor = load_run(global_run)
     probabilities = predictor.probabilities(volume)
@@ -70,7 +72,7 @@ def test_the_global_pass_equals_the_whole_volume_chain(global_run, scroll, volum
     assert expected.any() and not np.array_equal(expected, threshold_only)  # the steps change something
     assert np.array_equal(level(out), expected)
     assert not (out / ".vlab" / "stage").exists()  # removed once complete
-    assert predict(global_run, scroll, out, *SMALL, "--resume") == 0
+    assert predict(global_run, scroll, out, *SMALL, *PASS, "--resume") == 0
     assert "complete already" in capsys.readouterr().out
 
 
@@ -79,7 +81,7 @@ def test_a_bbox_through_the_global_pass_is_the_chain_on_the_box(global_run, scro
     the box's edges off the chunk grid are written by one task each."""
     out = tmp_path / "box.zarr"
     box = (slice(5, 37), slice(10, 61), slice(3, 50))
-    assert predict(global_run, scroll, out, *SMALL, "--bbox", "5:37,10:61,3:50") == 0
+    assert predict(global_run, scroll, out, *SMALL, *PASS, "--bbox", "5:37,10:61,3:50") == 0
     predictor = load_run(global_run)
     probabilities = predictor.probabilities(volume)
     probabilities[volume == 0] = 0
@@ -176,3 +178,28 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie is not running
         return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_the_global_pass_runs_on_a_given_scheduler_and_an_unreachable_one_loses_no_block(global_run, scroll, volume,
+                                                                                        tmp_path, capsys):
+    """--dask ADDRESS: a real scheduler on 127.0.0.1 (a cluster of this test's own); before it, a closed port
+    stops the command after the blocks with a message, and --resume then runs only the pass."""
+    from distributed import LocalCluster
+
+    from test_large_volumes import _closed_port
+
+    out = tmp_path / "scheduled.zarr"
+    assert predict(global_run, scroll, out, *SMALL, "--dask", f"tcp://127.0.0.1:{_closed_port()}") == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "no dask scheduler answers there" in error and "Traceback" not in error
+    done = _blocks_done(out)
+    assert done > 0 and (out / ".vlab" / "stage").is_dir()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        assert predict(global_run, scroll, out, *SMALL, *PASS, "--resume", "--dask", cluster.scheduler_address) == 0
+    said = capsys.readouterr()
+    assert f"{done} done before" in said.out + said.err
+    predictor = load_run(global_run)
+    probabilities = predictor.probabilities(volume)
+    probabilities[volume == 0] = 0
+    assert np.array_equal(level(out), predictor.chain.apply(probabilities) * 255)

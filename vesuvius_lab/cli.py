@@ -160,6 +160,8 @@ def _print_result(run, label: str) -> None:
                                                      "the same command with --resume finishes the output later.")
 @click.option("--dask", "dask_address", metavar="ADDRESS",
               help="OUT.zarr: the dask scheduler of the global pass (default: a local cluster, one worker per core).")
+@click.option("--pass-chunk", type=click.IntRange(min=8), default=256, show_default=True,
+              help="OUT.zarr: the side of the global pass's chunks; a worker holds a few such cubes at once.")
 @click.option("--status", "status_of", type=click.Path(file_okay=False), metavar="OUT.zarr",
               help="Say how many blocks of an output are done, failed and left, and where failed blocks' logs are.")
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
@@ -168,7 +170,7 @@ def _print_result(run, label: str) -> None:
 @click.pass_obj
 def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrides, checkpoint, level, bbox, block,
             support_mask, support_threshold, zarr_format, chunk, shard, resume, force, jobs, launcher, wait,
-            dask_address, status_of):
+            dask_address, pass_chunk, status_of):
     """Predict volumes with a trained run (a run folder, an experiment name for its newest finished run, or
     `best` for the leaderboard's first row): masks after the run's post-processing chain.
 
@@ -194,12 +196,13 @@ def predict(obj: ProjectContext, run_dir, source, output, probabilities, overrid
             input=source, output=Path(output), level=level, bbox=bbox, block=_block_sides(block),
             probabilities=probabilities, support=support_mask, support_threshold=support_threshold,
             zarr_format=int(zarr_format), chunk=chunk, shard=shard, resume=resume, force=force, checkpoint=checkpoint,
-            dask=dask_address)
+            dask=dask_address, pass_chunk=pass_chunk)
         _predict_large(obj, run_dir, request, overrides, jobs=jobs, launcher=launcher, wait=wait)
         return
     zarr_only = {"--level": level is not None, "--bbox": bbox, "--block": block, "--shard": shard, "--resume": resume,
                  "--force": force, "--zarr-format": zarr_format != "2", "--support-mask": support_mask != "auto",
                  "--jobs": jobs is not None, "--launcher": launcher != "local", "--dask": dask_address,
+                 "--pass-chunk": pass_chunk != 256,
                  "--no-wait": not wait}
     if any(zarr_only.values()):
         raise UserError(f"{', '.join(k for k, v in zarr_only.items() if v)}: options of whole-volume prediction, "
@@ -341,7 +344,7 @@ def _predict_large(obj: ProjectContext, run_dir: str, request, overrides, *, job
                   f"before, halo {prepared.halo} voxel(s) for the chain"
                   + (f"; then a global pass for {', '.join(s.label for s in prepared.global_steps)}"
                      if prepared.global_steps else ""))
-        order = WorkerOrder(str(path), device, tuple(checked), request)
+        order = WorkerOrder(str(path), obj.project().settings.device, tuple(checked), request)
         failed: dict[str, str] = {}
         problems: list[str] = []
         with _block_progress(total, before) as progress:
@@ -353,7 +356,7 @@ def _predict_large(obj: ProjectContext, run_dir: str, request, overrides, *, job
                 elif todo and (jobs or 1) > 1:
                     from vesuvius_lab.core.launch.predict_jobs import predict_with_workers
 
-                    outcome = predict_with_workers(prepared, todo, order, jobs, on_block=progress.block)
+                    outcome = predict_with_workers(prepared, todo, order, jobs, device, on_block=progress.block)
                     failed = outcome.failed
                     problems = [f"a worker ended with exit code {code}: its block in flight is left"
                                 for code in outcome.died]

@@ -1,8 +1,8 @@
 """Whole-volume operations on chunked (dask) arrays, for the global pass's post-processing steps.
 
-Connected components come from dask-image's labelling, which labels each chunk and joins the labels
-across chunk faces, so a component that crosses any number of chunks gets one label, the same
-components as ``scipy.ndimage.label`` or cc3d on the whole array. The per-label tables built here
+Connected components come from :mod:`vesuvius_lab.core.inference.chunked_labels`, which labels each
+chunk and joins the labels across chunk faces, so a component that crosses any number of chunks gets
+one label, the same components as ``scipy.ndimage.label`` or cc3d on the whole array. The per-label tables built here
 (sizes, "holds a seed", "touches a face") come from each chunk's distinct labels, so a worker holds
 one chunk and the tables hold one entry per component: memory per worker does not grow with the volume.
 
@@ -65,11 +65,10 @@ def structure(connectivity: int) -> np.ndarray:
 
 
 def label(mask, connectivity: int):
-    """The components of a boolean dask array: (labels, number of components as a dask scalar)."""
-    from dask_image import ndmeasure
+    """The components of a boolean dask array: (labels, on disk; the number of components)."""
+    from vesuvius_lab.core.inference import chunked_labels
 
-    labels, count = ndmeasure.label(mask, structure=structure(connectivity))
-    return persist(labels), count
+    return chunked_labels.label(mask.astype(bool), structure(connectivity), persist)
 
 
 def _distinct(block: np.ndarray, where: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

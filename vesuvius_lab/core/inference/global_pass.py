@@ -39,8 +39,9 @@ from vesuvius_lab.core.inference.postprocess import Chain, ChainStep
 STAGE = "stage"
 #: A global step with no chunked form runs on the whole array in one task: at most this many voxels.
 WHOLE_ARRAY_VOXELS = 2 ** 30
-#: The side of the global pass's dask chunks, rounded to a multiple of the output chunk.
-PASS_CHUNK = 512
+#: The default side of the global pass's dask chunks (``--pass-chunk``), rounded to a multiple of the output
+#: chunk: what one worker holds at once (its input, labels and result) grows with its cube.
+PASS_CHUNK = 256
 
 
 def step_halo(step: ChainStep) -> int | str:
@@ -185,21 +186,21 @@ def pass_chunks(region: Box, unit: tuple[int, int, int], side: int = PASS_CHUNK)
     return tuple(chunks)
 
 
-def pass_result(stage, region: Box, steps: tuple[ChainStep, ...], threshold: float, unit):
-    """The lazy uint8 mask (0/255) of ``steps`` and the threshold over ``region`` of the stage."""
+def pass_result(stage, region: Box, steps: tuple[ChainStep, ...], threshold: float, unit, side: int = PASS_CHUNK):
+    """The lazy uint8 mask (0/255) of ``steps`` and the threshold over ``region`` of the stage, in dask
+    chunks of ``side`` (rounded to the output's chunks)."""
     import dask.array as da
 
     from vesuvius_lab.core.inference.chunked import to_mask
 
-    side = max(unit[0], PASS_CHUNK // unit[0] * unit[0])
-    volume = da.from_zarr(stage)[region.slices].rechunk(side)
+    volume = da.from_zarr(stage)[region.slices].rechunk(tuple(max(u, side // u * u) for u in unit))
     for form in chunked_steps(steps, threshold=threshold, voxels=region.size):
         volume = form.apply(volume)
     return (to_mask(volume, threshold) * np.uint8(255)).rechunk(pass_chunks(region, unit))
 
 
 def run_global_pass(output_path: Path, array, unit, region: Box, steps: tuple[ChainStep, ...], threshold: float, *,
-                    address: str | None = None, workers: int | None = None) -> dict[str, float]:
+                    address: str | None = None, workers: int | None = None, side: int = PASS_CHUNK) -> dict[str, float]:
     """Apply ``steps`` (from the first global one) to the stage over ``region`` and write the mask into
     ``array`` (the output's level 0, written in whole ``unit``s: chunks, or shards), on a dask cluster.
     Returns each worker's peak resident memory in MiB."""
@@ -209,7 +210,7 @@ def run_global_pass(output_path: Path, array, unit, region: Box, steps: tuple[Ch
     scratch = stage_path(output_path).with_name("pass")
     shutil.rmtree(scratch, ignore_errors=True)  # what a killed pass left
     with dask_client(address, workers) as client, scratch_space(scratch):
-        result = pass_result(stage, region, steps, threshold, tuple(unit))
+        result = pass_result(stage, region, steps, threshold, tuple(unit), side)
         da.store(result, array, regions=region.slices, lock=False)
         peaks = client.run(_peak_mib)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -225,12 +226,26 @@ def _peak_mib() -> float:
 @contextmanager
 def dask_client(address: str | None = None, workers: int | None = None) -> Iterator[object]:
     """A dask client: of the scheduler at ``address``, or of a local cluster of ``workers`` single-threaded
-    processes (default: one per usable core) that share this machine's memory."""
+    processes (default: one per usable core) that share this machine's memory. distributed sets thread
+    and allocator variables (OMP_NUM_THREADS=1, ...) in this process's environment for its workers; they
+    are put back afterwards, so that nothing started later inherits them."""
+    environment = dict(os.environ)
+    try:
+        with _client(address, workers) as client:
+            yield client
+    finally:
+        for name in set(os.environ) - set(environment):
+            del os.environ[name]
+        os.environ.update({name: value for name, value in environment.items() if os.environ.get(name) != value})
+
+
+@contextmanager
+def _client(address: str | None, workers: int | None) -> Iterator[object]:
     from distributed import Client, LocalCluster
 
     if address:
         try:
-            client = Client(address, timeout="20s")
+            client = Client(address, timeout="10s")
         except (OSError, TimeoutError, ValueError) as exc:
             raise UserError(f"--dask {address}: no dask scheduler answers there ({exc}). Start one (`dask "
                             "scheduler`, or a dask-jobqueue cluster) and give its address, or leave --dask out to "

@@ -38,8 +38,9 @@ from vesuvius_lab.core import registry
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.block_records import BlockRecords
 from vesuvius_lab.core.inference.blocks import Block, BlockPlan, Box, Reader, parse_bbox
-from vesuvius_lab.core.inference.global_pass import (apply_local, chunked_steps, create_stage, local_halo, open_stage,
-                                                     output_dtype, remove_stage, run_global_pass, split_chain)
+from vesuvius_lab.core.inference.global_pass import (PASS_CHUNK, apply_local, chunked_steps, create_stage, local_halo,
+                                                     open_stage, output_dtype, remove_stage, run_global_pass,
+                                                     split_chain)
 from vesuvius_lab.core.inference.run_kinds import RunPredictor
 from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run
 
@@ -72,6 +73,7 @@ class VolumeRequest:
     checkpoint: str = "best"
     dask: str | None = None  # the global pass's scheduler address; None: a local cluster
     dask_workers: int | None = None  # the local cluster's worker processes; None: one per core
+    pass_chunk: int = PASS_CHUNK  # the side of the global pass's chunks: what one of its workers holds
 
 
 @dataclass
@@ -404,7 +406,8 @@ def finish(prepared: Prepared, *, progress: bool = True) -> bool:
     if prepared.global_steps:
         request = prepared.request
         run_global_pass(request.output, output.level0, output.write_unit, prepared.plan.region, prepared.global_steps,
-                        prepared.predictor.chain.threshold, address=request.dask, workers=request.dask_workers)
+                        prepared.predictor.chain.threshold, address=request.dask, workers=request.dask_workers,
+                        side=request.pass_chunk)
     output.build_pyramid(PYRAMID_LEVELS, reduce="mean" if prepared.request.probabilities else "max",
                          progress=progress)
     scale = prepared.source.scale

@@ -35,7 +35,7 @@ class WorkerOrder:
     """What a worker needs to open the run and the output as the parent did."""
 
     run: str
-    device: str
+    device: str  # the project's setting ("auto", "cpu", "cuda"), resolved where the worker runs
     overrides: tuple[str, ...]
     request: VolumeRequest
 
@@ -76,8 +76,9 @@ def open_prepared(order: WorkerOrder) -> Prepared:
     """The run and the output, opened as the parent planned them (never created, never removed)."""
     from vesuvius_lab.core.inference.run_kinds import load_run
     from vesuvius_lab.core.inference.volume_predict import prepare
+    from vesuvius_lab.core.training.trainer import resolve_device
 
-    predictor = load_run(Path(order.run), device=order.device, overrides=list(order.overrides),
+    predictor = load_run(Path(order.run), device=resolve_device(order.device), overrides=list(order.overrides),
                          checkpoint_name=order.request.checkpoint)
     return prepare(predictor, replace(order.request, resume=True, force=False))
 
@@ -117,16 +118,17 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrder, jobs: int, *,
+def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrder, jobs: int, device: str, *,
                          on_block: Callable[[Block, bool | None, str | None], None]) -> SharedOutcome:
-    """Run ``todo`` on ``jobs`` worker processes; ``on_block(block, predicted, error)`` after each.
+    """Run ``todo`` on ``jobs`` worker processes, on slots of ``device`` (resolved: "cpu" or "cuda");
+    ``on_block(block, predicted, error)`` after each.
     Raises :class:`~vesuvius_lab.core.interrupts.Interrupted` after every worker stopped, when a stop
     signal came."""
     context = multiprocessing.get_context("spawn")
     tasks, results = context.Queue(), context.Queue()
     for block in todo:
         tasks.put(block)
-    pool = machine_pool(jobs, order.device)
+    pool = machine_pool(jobs, device)
     workers = []
     for _ in range(max(1, min(jobs, len(todo)))):
         lease = pool.take(1)
