@@ -207,6 +207,27 @@ def _run_adopted(parent: Parent, target: Callable[..., Any], *args, **kwargs) ->
     return target(*args, **kwargs)
 
 
+
+@contextmanager
+def scoped_environ(**values: str | os.PathLike | int | None) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables inside the block; restore them after. A child
+    started inside the block (a spawned worker) inherits them."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = str(value)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def environment() -> dict[str, str]:
     """Environment variables for a Python program started with Popen by this thread; the program
     calls :func:`adopt_from_environment` first thing."""

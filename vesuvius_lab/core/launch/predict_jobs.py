@@ -19,10 +19,9 @@ import os
 import queue
 import signal
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from vesuvius_lab.core import children, interrupts
 from vesuvius_lab.core.inference.blocks import Block
@@ -103,21 +102,6 @@ def _worker(order: WorkerOrder, tasks, results, parent: int) -> None:
         return
 
 
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in os.environ while a spawned child starts (it inherits them), then as before."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrder, jobs: int, device: str, *,
                          on_block: Callable[[Block, bool | None, str | None], None]) -> SharedOutcome:
     """Run ``todo`` on ``jobs`` worker processes, on slots of ``device`` (resolved: "cpu" or "cuda");
@@ -132,7 +116,7 @@ def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrd
     workers = []
     for _ in range(max(1, min(jobs, len(todo)))):
         lease = pool.take(1)
-        with _environment(lease.environment()):
+        with children.scoped_environ(**lease.environment()):
             worker = context.Process(target=_worker, args=(order, tasks, results, os.getpid()), daemon=False)
             worker.start()
         workers.append(worker)

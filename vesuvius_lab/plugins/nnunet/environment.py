@@ -15,24 +15,7 @@ from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Callable, Iterator
 
-
-@contextmanager
-def scoped_environ(**values: str | Path | int | None) -> Iterator[None]:
-    """Set (or, for None, unset) environment variables inside the block; restore them after."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = str(value)
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+from vesuvius_lab.core.children import scoped_environ
 
 
 def nnunet_environ(*, raw: Path | None = None, preprocessed: Path | None = None, results: Path | None = None,
