@@ -10,7 +10,8 @@ its own process whose peak resident memory is read from the kernel (wait4). Then
 - throughput against the peer: a cube cut from the scroll (side --reference, all scroll) predicted in
   memory by `sliding_window` (through the run, as `vlab predict` does for a TIFF) and block-wise with
   the default block and no support mask, in the same process, voxels per second of each;
-- `--jobs 2` against one process (the same command, a second output, checked equal bit for bit);
+- `--jobs 2` against one process, both with blocks of --jobs-block (several blocks to share), the two
+  outputs checked equal bit for bit;
 - the global pass: the run's global chain steps over the predicted probabilities (as the stage the blocks
   write), on a local dask cluster of --pass-workers processes: its time and each worker's peak memory.
 
@@ -152,7 +153,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["0.25", "1"], choices=sorted(SHAPES), help="G voxels")
     parser.add_argument("--reference", type=int, default=320, help="side of the in-memory peer's cube")
     parser.add_argument("--workdir", help="where the volumes go (default: a temporary folder, removed after)")
-    parser.add_argument("--no-jobs", action="store_true", help="skip the --jobs 2 run")
+    parser.add_argument("--no-jobs", action="store_true", help="skip the --jobs 1 / --jobs 2 comparison")
+    parser.add_argument("--jobs-block", default="128,512,512", help="the block of the --jobs comparison")
     parser.add_argument("--pass-workers", type=int, default=2, help="dask workers of the global pass")
     _summary.add_argument(parser)
     args = parser.parse_args()
@@ -181,13 +183,16 @@ def main() -> None:
             rows.append((size, shape, write_s, write_mib, predict_s, predict_mib, voxels / predict_s, predicted,
                          empty, repeat, resume_s))
             if not args.no_jobs:
-                two = folder / f"surface-{size}-jobs2.zarr"
-                shutil.rmtree(two, ignore_errors=True)
-                jobs_s, jobs_mib = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(two),
-                                                 "--probabilities", "--jobs", "2"))
-                jobs_rows.append((size, predict_s, jobs_s, jobs_mib, same_levels(out, two)))
-                summary.append(_summary.row("large_volume", f"--jobs 2, {size} G voxels", jobs_s, "s", peer=predict_s,
-                                            peer_name="--jobs 1"))
+                timed = {}
+                for jobs in (1, 2):
+                    target = folder / f"surface-{size}-jobs{jobs}.zarr"
+                    shutil.rmtree(target, ignore_errors=True)
+                    timed[jobs] = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(target),
+                                                "--probabilities", "--block", args.jobs_block, "--jobs", str(jobs)))
+                same = same_levels(folder / f"surface-{size}-jobs1.zarr", folder / f"surface-{size}-jobs2.zarr")
+                jobs_rows.append((size, timed[1][0], timed[2][0], timed[2][1], same))
+                summary.append(_summary.row("large_volume", f"--jobs 2, {size} G voxels", timed[2][0], "s",
+                                            peer=timed[1][0], peer_name="--jobs 1"))
             passed = global_pass(run, out, folder, args.pass_workers)
             if passed:
                 pass_rows.append((size, passed))
@@ -212,7 +217,8 @@ def main() -> None:
         print(f"| {size} | {'x'.join(map(str, shape))} | {write_s:.0f} | {write_mib:.0f} | {predict_s:.0f} | "
               f"{predict_mib:.0f} | {rate / 1e6:.2f} M | {predicted} | {empty} | {repeat - 1:+.1%} | {resume_s:.1f} |")
     if jobs_rows:
-        print("\n| volume (G voxels) | --jobs 1 s | --jobs 2 s | speed-up | --jobs 2 peak MiB of a process | same output |")
+        print(f"\n--jobs, blocks of {args.jobs_block}:")
+        print("| volume (G voxels) | --jobs 1 s | --jobs 2 s | speed-up | --jobs 2 peak MiB of a process | same output |")
         print("|---|---|---|---|---|---|")
         for size, one_s, two_s, two_mib, same in jobs_rows:
             print(f"| {size} | {one_s:.0f} | {two_s:.0f} | {one_s / two_s:.2f}x | {two_mib:.0f} | {'yes' if same else 'NO'} |")

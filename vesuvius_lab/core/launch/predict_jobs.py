@@ -2,8 +2,8 @@
 
 The parent plans the blocks and creates (or reopens) the output; then each worker, a spawned process
 on its own slot (one GPU, or an equal share of the cores: :mod:`vesuvius_lab.core.launch.slots`),
-opens the run and the output itself and takes block after block from one queue, so a faster worker
-does more. Each block is recorded done by the worker that wrote it, as in one process, so the
+opens the run and the output itself; once every worker has, they take block after block from one
+queue, so a faster worker does more. Each block is recorded done by the worker that wrote it, as in one process, so the
 output equals a one-process run's bit for bit. The parent shows one progress bar for every worker.
 
 A stop signal (Ctrl-C, SIGTERM) reaches every worker, which stops after its block in flight; a
@@ -88,6 +88,7 @@ def _worker(order: WorkerOrder, tasks, results, parent: int) -> None:
     try:
         with interrupts.stop_signals(at="after this block"):
             prepared = open_prepared(order)
+            results.put(("ready",))
             while True:
                 interrupts.check()
                 try:
@@ -97,7 +98,7 @@ def _worker(order: WorkerOrder, tasks, results, parent: int) -> None:
                 if block is None:
                     return
                 predicted, error = predict_recording_failure(prepared, block)
-                results.put((block.name, predicted, error))
+                results.put(("block", block.name, predicted, error))
     except interrupts.Interrupted:
         return
 
@@ -110,32 +111,40 @@ def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrd
     signal came."""
     context = multiprocessing.get_context("spawn")
     tasks, results = context.Queue(), context.Queue()
-    for block in todo:
-        tasks.put(block)
-    pool = machine_pool(jobs, device)
+    count = max(1, min(jobs, len(todo)))  # no more workers than blocks: each gets a larger share of the cores
+    pool = machine_pool(count, device)
     workers = []
-    for _ in range(max(1, min(jobs, len(todo)))):
+    for _ in range(count):
         lease = pool.take(1)
         with children.scoped_environ(**lease.environment()):
             worker = context.Process(target=_worker, args=(order, tasks, results, os.getpid()), daemon=False)
             worker.start()
         workers.append(worker)
-    for _ in workers:
-        tasks.put(None)  # one end mark per worker, after every block
     by_name = {block.name: block for block in todo}
-    outcome = SharedOutcome()
+    outcome, ready, fed = SharedOutcome(), 0, False
     with interrupts.passed_on() as new_signals:
         while True:
             for signum in new_signals():
                 for worker in workers:
                     if worker.is_alive():
                         os.kill(worker.pid, signal.SIGTERM)  # each stops after its block in flight
+            alive = sum(worker.is_alive() for worker in workers)
+            if not fed and alive and ready >= alive:  # every worker has opened the run: all start together
+                for block in todo:
+                    tasks.put(block)
+                for _ in workers:
+                    tasks.put(None)  # one end mark per worker, after every block
+                fed = True
             try:
-                name, predicted, error = results.get(timeout=0.25)
+                message = results.get(timeout=0.25)
             except queue.Empty:
                 if not any(worker.is_alive() for worker in workers):
                     break
                 continue
+            if message[0] == "ready":
+                ready += 1
+                continue
+            _, name, predicted, error = message
             if error is None:
                 outcome.done += 1
             else:
