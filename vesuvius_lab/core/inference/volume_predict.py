@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,6 +74,7 @@ class VolumeRequest:
     dask: str | None = None  # the global pass's scheduler address; None: a local cluster
     dask_workers: int | None = None  # the local cluster's worker processes; None: one per core
     pass_chunk: int = PASS_CHUNK  # the side of the global pass's chunks: what one of its workers holds
+    onednn: bool = False  # CPU: oneDNN's convolutions, faster, but their results move with the thread count
 
 
 @dataclass
@@ -220,6 +221,7 @@ def fingerprint_parts(predictor: RunPredictor, request: VolumeRequest, source, b
         "threshold": None if request.probabilities else spec.inference.threshold,
         "input": source.provenance(),
         "support": {"mask": request.support, "threshold": request.support_threshold},
+        "convolutions": "onednn" if request.onednn else "thread-independent",
         "layout": {"block": list(block), "chunk": request.chunk, "shard": request.shard,
                    "zarr_format": request.zarr_format},
     }
@@ -339,7 +341,8 @@ def thread_independent() -> Iterator[None]:
     """Convolutions whose results do not depend on the number of CPU threads: oneDNN's do (by up to 5e-7,
     enough to move a voxel across a rounding step of the uint8 output), PyTorch's own do not, so a block
     predicted by one of N workers (1/N of the cores) equals the same block predicted by one process.
-    No effect on a GPU; on the CPU, 3D convolutions take up to 1.8x longer, 2D ones about as long."""
+    No effect on a GPU; on the CPU, convolutions take about 1.7x longer (``--onednn`` trades the equality
+    for the speed)."""
     import warnings
 
     import torch
@@ -359,7 +362,7 @@ def predict_one(prepared: Prepared, block: Block) -> bool:
         _write(prepared, block, None)  # drops stale chunks
         prepared.records.mark_done(block, predicted=False, seconds=time.monotonic() - started)
         return False
-    with thread_independent():
+    with nullcontext() if prepared.request.onednn else thread_independent():
         probabilities = prepared.predictor.blocks(prepared.source, region)
     if support is not None:
         probabilities[~support] = 0
