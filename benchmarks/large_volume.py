@@ -83,6 +83,7 @@ def reference_cube(scroll: Path, side: int, folder: Path) -> Path:
     box = tuple(slice(max(0, m - side // 2), max(0, m - side // 2) + min(side, n)) for m, n in zip(middle, source.shape))
     cube = source.read(box)
     path = folder / "cube.zarr"
+    shutil.rmtree(path, ignore_errors=True)  # a --workdir used before
     array = zarr.create_array(path, shape=cube.shape, chunks=(128, 128, 128), dtype="uint8", zarr_format=2)
     array[:] = cube
     return path
@@ -141,7 +142,9 @@ def global_pass(run: Path, probabilities: Path, folder: Path, workers: int) -> d
     if not rest:
         return {}
     source = da.from_zarr(str(probabilities / "0"))
-    output = OmeZarrOutput.create(folder / "pass.zarr", shape=source.shape, chunks=(128,) * 3)
+    target = folder / f"pass-{probabilities.stem}.zarr"
+    shutil.rmtree(target, ignore_errors=True)  # a --workdir used before
+    output = OmeZarrOutput.create(target, shape=source.shape, chunks=(128,) * 3)
     create_stage(output.path, source.shape, (128,) * 3, np.float32)
     import zarr
 
