@@ -163,7 +163,7 @@ def _print_result(run, label: str) -> None:
 @click.option("--pass-chunk", type=click.IntRange(min=8), default=256, show_default=True,
               help="OUT.zarr: the side of the global pass's chunks; a worker holds a few such cubes at once.")
 @click.option("--onednn", is_flag=True,
-              help="OUT.zarr on the CPU: oneDNN's convolutions, about 1.7x faster, whose results move with the "
+              help="OUT.zarr on the CPU: oneDNN's convolutions, about 1.5x faster, whose results move with the "
                    "number of threads (then --jobs N differs from one process in a few voxels per million).")
 @click.option("--status", "status_of", type=click.Path(file_okay=False), metavar="OUT.zarr",
               help="Say how many blocks of an output are done, failed and left, and where failed blocks' logs are.")

@@ -341,7 +341,7 @@ def thread_independent() -> Iterator[None]:
     """Convolutions whose results do not depend on the number of CPU threads: oneDNN's do (by up to 5e-7,
     enough to move a voxel across a rounding step of the uint8 output), PyTorch's own do not, so a block
     predicted by one of N workers (1/N of the cores) equals the same block predicted by one process.
-    No effect on a GPU; on the CPU, convolutions take about 1.7x longer (``--onednn`` trades the equality
+    No effect on a GPU; on the CPU, convolutions take about 1.5x longer (``--onednn`` trades the equality
     for the speed)."""
     import warnings
 
