@@ -94,8 +94,8 @@ def peer_ratio(run: Path, cube: Path, folder: Path) -> dict:
     from vesuvius_lab.core.data.volumes import open_volume
     from vesuvius_lab.core.inference.run_kinds import load_run
 
-    from vesuvius_lab.core.inference.volume_predict import (VolumeRequest, pending_blocks, predict_blocks, prepare,
-                                                            thread_independent)
+    from vesuvius_lab.core.inference.volume_predict import VolumeRequest, pending_blocks, prepare, thread_independent
+    from vesuvius_lab.core.launch.predict_jobs import predict_here
 
     source = open_volume(cube)
     volume = source.read(tuple(slice(0, n) for n in source.shape))
@@ -112,7 +112,7 @@ def peer_ratio(run: Path, cube: Path, folder: Path) -> dict:
                             force=True)
     started = time.perf_counter()
     prepared = prepare(predictor, request)  # reading from and writing to zarr included, the pyramid not
-    predict_blocks(prepared, pending_blocks(prepared))
+    predict_here(prepared, pending_blocks(prepared), on_block=lambda *done: None)
     blocks = time.perf_counter() - started
     return {"voxels": volume.size, "in_memory_s": in_memory, "blocks_s": blocks, "blocks": len(prepared.plan),
             "onednn_s": onednn}

@@ -330,8 +330,8 @@ def _predict_large(obj: ProjectContext, run_dir: str, request, overrides, *, job
     ``jobs`` local workers, or as a job array), then the global pass and the pyramid."""
     from vesuvius_lab.core import interrupts
     from vesuvius_lab.core.inference.run_kinds import load_run
-    from vesuvius_lab.core.inference.volume_predict import finish, pending_blocks, predict_blocks, prepare
-    from vesuvius_lab.core.launch.predict_jobs import WorkerOrder
+    from vesuvius_lab.core.inference.volume_predict import finish, pending_blocks, prepare
+    from vesuvius_lab.core.launch.predict_jobs import WorkerOrder, predict_here, predict_with_workers
 
     path = _run_path(obj, run_dir)
     device = _device(obj)
@@ -356,25 +356,12 @@ def _predict_large(obj: ProjectContext, run_dir: str, request, overrides, *, job
                     problems = _submitted_blocks(obj, prepared, todo, order, launcher, jobs, wait, progress)
                     if not wait:
                         return
-                elif todo and (jobs or 1) > 1:
-                    from vesuvius_lab.core.launch.predict_jobs import predict_with_workers
-
-                    outcome = predict_with_workers(prepared, todo, order, jobs, device, on_block=progress.block)
+                elif todo:
+                    outcome = (predict_with_workers(prepared, todo, order, jobs, device, on_block=progress.block)
+                               if (jobs or 1) > 1 else predict_here(prepared, todo, on_block=progress.block))
                     failed = outcome.failed
                     problems = [f"a worker ended with exit code {code}: its block in flight is left"
                                 for code in outcome.died]
-                elif todo:
-                    from vesuvius_lab.core.launch.predict_jobs import predict_recording_failure
-
-                    def one_at_a_time(block):
-                        predicted, error = predict_recording_failure(prepared, block)
-                        if error is not None:
-                            failed[block.name] = error
-                        progress.block(block, predicted, error)
-
-                    for block in todo:
-                        interrupts.check()  # a stop signal is acted on between blocks
-                        one_at_a_time(block)
             except KeyboardInterrupt:
                 err.print(f"stopped with {total - len(pending_blocks(prepared))} of {total} block(s) done; the "
                           "same command with --resume goes on")
@@ -396,8 +383,8 @@ def _predict_large(obj: ProjectContext, run_dir: str, request, overrides, *, job
 class _BlockProgress:
     """One progress bar over the blocks, wherever they run."""
 
-    def __init__(self, bar, task, total: int, before: int):
-        self.bar, self.task, self.total, self.before = bar, task, total, before
+    def __init__(self, bar, task, before: int):
+        self.bar, self.task, self.before = bar, task, before
         self.counts = {"predicted": 0, "empty": 0, "failed": 0}
 
     def block(self, block, predicted, error=None) -> None:
@@ -420,7 +407,7 @@ def _block_progress(total: int, before: int):
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        yield _BlockProgress(bar, bar.add_task("blocks", total=total, completed=before), total, before)
+        yield _BlockProgress(bar, bar.add_task("blocks", total=total, completed=before), before)
 
 
 def _submitted_blocks(obj: ProjectContext, prepared, todo, order, launcher: str, jobs, wait: bool, progress) -> list[str]:
@@ -431,7 +418,7 @@ def _submitted_blocks(obj: ProjectContext, prepared, todo, order, launcher: str,
     folder = project.launcher_dir / "predict"
     submitted = submit_blocks(prepared, todo, order, kind=launcher, tasks=tasks, settings=project.settings.launcher,
                               folder=folder)
-    ids = [str(job.job_id) for job in submitted.jobs]
+    ids = [str(job.job_id) for job in submitted]
     err.print(f"submitted {len(todo)} block(s) as {len(ids)} task(s): {', '.join(ids[:4])}"
               f"{' ...' if len(ids) > 4 else ''} (logs under {_escape(str(folder))})")
     if not wait:

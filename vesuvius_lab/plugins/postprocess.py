@@ -128,7 +128,6 @@ def _threshold_chunked(params: ThresholdParams, *, threshold: float = 0.5, **con
         if params.low is None:
             return chunked.to_mask(volume, params.value if params.value is not None else threshold)
         labels, count = chunked.label(volume > params.low, params.connectivity)
-        count = chunked.count_of(count)
         seeded = chunked.per_label(labels, count, where=volume > params.high, reduce="any")
         seeded[0] = False
         return chunked.look_up(labels, seeded)
@@ -164,7 +163,6 @@ def _remove_small_chunked(params: RemoveSmallParams, *, threshold: float = 0.5, 
 
     def step(volume):
         labels, count = chunked.label(chunked.to_mask(volume, threshold), params.connectivity)
-        count = chunked.count_of(count)
         keep = chunked.per_label(labels, count) >= params.min_voxels
         keep[0] = False
         return chunked.look_up(labels, keep)
@@ -264,7 +262,6 @@ def _fill_holes_chunked(params: FillHolesParams, *, threshold: float = 0.5, **co
             return mask.rechunk(whole_planes).map_blocks(
                 fill_holes_slices, params.axis, params.max_hole_voxels, dtype=np.uint8).rechunk(mask.chunks)
         labels, count = chunked.label(mask == 0, 6)
-        count = chunked.count_of(count)
         enclosed = ~chunked.on_faces(labels, count)
         if params.max_hole_voxels is not None:
             enclosed &= chunked.per_label(labels, count) <= params.max_hole_voxels

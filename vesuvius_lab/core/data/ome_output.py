@@ -55,6 +55,18 @@ def _triple(name: str, values, kind=int, positive: bool = True) -> tuple:
     return triple
 
 
+def array_options(zarr_format: int) -> dict[str, Any]:
+    """How every array of an output is stored: Blosc-zstd, fill 0, all-zero chunks never stored; zarr v2
+    keys with a folder per z (no huge folders), zarr v3 axes named."""
+    options: dict[str, Any] = {"compressors": _compressor(zarr_format), "fill_value": 0,
+                               "config": {"write_empty_chunks": False}}
+    if zarr_format == 2:
+        options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+    else:
+        options["dimension_names"] = ["z", "y", "x"]
+    return options
+
+
 # --------------------------------------------------------------------------- NGFF metadata
 
 
@@ -192,13 +204,8 @@ class OmeZarrOutput:
 
     @staticmethod
     def _create_level(group, name: str, shape: Shape3, chunks: Shape3, shard: Shape3 | None, zarr_format: int):
-        options: dict[str, Any] = {"compressors": _compressor(zarr_format)}
-        if zarr_format == 2:
-            options["chunk_key_encoding"] = {"name": "v2", "separator": "/"}  # a folder per z: no huge folders
-        else:
-            options["dimension_names"] = ["z", "y", "x"]
-        return group.create_array(name, shape=shape, chunks=chunks, shards=shard, dtype="uint8", fill_value=0,
-                                  overwrite=True, config={"write_empty_chunks": False}, **options)
+        return group.create_array(name, shape=shape, chunks=chunks, shards=shard, dtype="uint8", overwrite=True,
+                                  **array_options(zarr_format))
 
     @classmethod
     def open(cls, path: Path) -> "OmeZarrOutput":

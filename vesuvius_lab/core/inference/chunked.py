@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -76,13 +76,6 @@ def _distinct(block: np.ndarray, where: np.ndarray | None = None) -> tuple[np.nd
     return np.unique(values, return_counts=True)
 
 
-def _table(parts, count: int, combine: Callable[[np.ndarray, np.ndarray, np.ndarray], None], dtype) -> np.ndarray:
-    table = np.zeros(count + 1, dtype)
-    for labels, counts in parts:
-        combine(table, labels, counts)
-    return table
-
-
 def per_label(labels, count: int, *, where=None, dtype=np.int64, reduce: str = "sum") -> np.ndarray:
     """A table indexed by label (0..count): the voxels of each label (``reduce="sum"``), or whether any of
     its voxels is where ``where`` (a boolean dask array of the labels' chunks) holds (``reduce="any"``)."""
@@ -91,14 +84,13 @@ def per_label(labels, count: int, *, where=None, dtype=np.int64, reduce: str = "
     blocks = labels.to_delayed().ravel()
     masks = where.to_delayed().ravel() if where is not None else [None] * len(blocks)
     parts = dask.compute(*[dask.delayed(_distinct)(block, mask) for block, mask in zip(blocks, masks)])
-
-    def combine(table, found, counts):
+    table = np.zeros(count + 1, dtype if reduce == "sum" else bool)
+    for found, counts in parts:
         if reduce == "sum":
             np.add.at(table, found, counts)
         else:
             table[found] = True
-
-    return _table(parts, count, combine, dtype if reduce == "sum" else bool)
+    return table
 
 
 def on_faces(labels, count: int) -> np.ndarray:
@@ -115,6 +107,3 @@ def look_up(labels, table: np.ndarray, dtype=np.uint8):
     """``table[labels]`` chunk by chunk (the table travels with each chunk's task)."""
     return labels.map_blocks(lambda block: table[block].astype(dtype, copy=False), dtype=dtype)
 
-
-def count_of(number) -> int:
-    return int(number.compute()) if hasattr(number, "compute") else int(number)

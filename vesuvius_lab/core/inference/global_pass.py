@@ -7,7 +7,7 @@ halos are part of each block's read) and write what those steps give to the *sta
 Once every block is done, :func:`run_global_pass` reads the stage as a dask array and applies the rest:
 
 - a global step through its plugin's ``global_pass`` form (a function of a dask array; connected
-  components by dask-image's labelling, see :mod:`vesuvius_lab.core.inference.chunked`);
+  components across chunks from :mod:`vesuvius_lab.core.inference.chunked`);
 - a global step without one on the whole array in one task, when the array is at most
   :data:`WHOLE_ARRAY_VOXELS` (refused with a message otherwise);
 - a step with a halo through ``map_overlap`` with that halo (the same rule as a block's halo);
@@ -86,14 +86,20 @@ def stage_path(output: Path) -> Path:
 
 
 def create_stage(output: Path, shape, chunks, dtype) -> None:
-    """The stage array: ``dtype``, fill 0, all-zero chunks never stored, the output's chunks."""
+    """The stage array: ``dtype``, the output's chunks, stored as the output's levels are."""
     import zarr
 
-    from vesuvius_lab.core.data.ome_output import _compressor
+    from vesuvius_lab.core.data.ome_output import array_options
 
-    zarr.create_array(str(stage_path(output)), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, fill_value=0,
-                      zarr_format=2, compressors=_compressor(2), chunk_key_encoding={"name": "v2", "separator": "/"},
-                      config={"write_empty_chunks": False}, overwrite=False)
+    zarr.create_array(str(stage_path(output)), shape=tuple(shape), chunks=tuple(chunks), dtype=dtype, zarr_format=2,
+                      overwrite=False, **array_options(2))
+
+
+def stage_of(output: Path, shape, chunks, dtype):
+    """The stage of ``output``, created (empty) the first time."""
+    if not stage_path(output).is_dir():
+        create_stage(output, shape, chunks, dtype)
+    return open_stage(output)
 
 
 def open_stage(output: Path):

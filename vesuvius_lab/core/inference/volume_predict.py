@@ -2,9 +2,9 @@
 
 :func:`prepare` checks everything cheap first (the input, the box, the chain's halos, the output and
 its records), plans the blocks and creates or reopens the output (never truncating it);
-:func:`predict_blocks` runs blocks (any subset, in any process: part of a job array, one of several
-workers) and records each one done; :func:`finish` builds the pyramid and the viewers' metadata
-once every block is done. Each block:
+:func:`predict_one` runs a block (any block, in any process: this one, one of several workers, a
+task of a job array: :mod:`vesuvius_lab.core.launch.predict_jobs`) and records it done; :func:`finish`
+runs the global pass and builds the pyramid and the viewers' metadata once every block is done. Each block:
 
 1. is skipped if a done record covers it (a rerun with ``--resume``);
 2. holds no scroll when no voxel of its core and halo is in the support (``--support-mask``: the input above
@@ -26,21 +26,19 @@ import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from vesuvius_lab import __version__
-from vesuvius_lab.core import registry
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.block_records import BlockRecords
 from vesuvius_lab.core.inference.blocks import Block, BlockPlan, Box, Reader, parse_bbox
-from vesuvius_lab.core.inference.global_pass import (PASS_CHUNK, apply_local, chunked_steps, create_stage, local_halo,
-                                                     open_stage, output_dtype, remove_stage, run_global_pass,
-                                                     split_chain)
+from vesuvius_lab.core.inference.global_pass import (PASS_CHUNK, apply_local, chunked_steps, local_halo, output_dtype,
+                                                     remove_stage, run_global_pass, split_chain, stage_of)
 from vesuvius_lab.core.inference.run_kinds import RunPredictor
 from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run
 
@@ -93,7 +91,6 @@ class Prepared:
     local_steps: tuple = ()  # the chain's steps the blocks apply (all of them without a global step)
     global_steps: tuple = ()  # from the chain's first global step on: the global pass applies them
     stage: object = None  # with global steps: the zarr array the blocks write, the pass reads
-    counts: dict = field(default_factory=lambda: {"predicted": 0, "empty": 0, "done before": 0})
 
 
 # --------------------------------------------------------------------------- checks before any work
@@ -265,9 +262,7 @@ def prepare(predictor: RunPredictor, request: VolumeRequest) -> Prepared:
         records.write_plan({**record, "plan": plan.to_json()})
     stage = None
     if global_steps and not output.attrs.get("complete"):
-        if not (records.root / "stage").exists():
-            create_stage(request.output, source.shape, output.chunks, output_dtype(local_steps))
-        stage = open_stage(request.output)
+        stage = stage_of(request.output, source.shape, output.chunks, output_dtype(local_steps))
     return Prepared(request, predictor, source, plan, halo, support, output, records, fingerprint,
                     local_steps, global_steps, stage)
 
@@ -385,18 +380,6 @@ def _write(prepared: Prepared, block: Block, values: np.ndarray | None) -> None:
         prepared.stage[block.core.slices] = np.zeros(block.core.shape, dtype) if values is None else values.astype(dtype, copy=False)
     else:
         prepared.output.write(block.core.slices, np.zeros(block.core.shape, np.uint8) if values is None else values)
-
-
-def predict_blocks(prepared: Prepared, blocks: Iterable[Block], *,
-                   on_block: Callable[[Block, bool], None] = lambda block, predicted: None) -> None:
-    """Predict ``blocks`` one after another (a killed process loses only the block it was on)."""
-    from vesuvius_lab.core import interrupts
-
-    for block in blocks:
-        interrupts.check()  # a stop signal is acted on between blocks
-        predicted = predict_one(prepared, block)
-        prepared.counts["predicted" if predicted else "empty"] += 1
-        on_block(block, predicted)
 
 
 def finish(prepared: Prepared, *, progress: bool = True) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,15 +52,9 @@ def predict_block_range(order: WorkerOrder, names: list[str]) -> dict:
     return {"done": done, "failed": failed}
 
 
-@dataclass
-class Submitted:
-    jobs: list  # submitit.Job, one per array task
-    folder: Path
-
-
 def submit_blocks(prepared: Prepared, todo: list[Block], order: WorkerOrder, *, kind: str, tasks: int,
-                  settings, folder: Path) -> Submitted:
-    """Submit ``todo`` as an array of ``tasks`` tasks over contiguous ranges of blocks."""
+                  settings, folder: Path) -> list:
+    """Submit ``todo`` as an array of ``tasks`` tasks over contiguous ranges of blocks: its submitit jobs."""
     ranges = [list(part) for part in split_evenly(tuple(range(len(todo))), max(1, min(tasks, len(todo))))]
     executor = make_executor(kind, folder)
     executor.update_parameters(**job_parameters(kind, settings, 1, f"vlab-predict-{Path(order.request.output).stem}"))
@@ -70,7 +63,7 @@ def submit_blocks(prepared: Prepared, todo: list[Block], order: WorkerOrder, *, 
     names = [[todo[i].name for i in part] for part in ranges]
     jobs = executor.map_array(predict_block_range, [order] * len(names), names)
     _record(prepared, jobs, folder, len(todo))
-    return Submitted(jobs, folder)
+    return jobs
 
 
 def _record(prepared: Prepared, jobs: list, folder: Path, blocks: int) -> None:
@@ -84,7 +77,7 @@ def _record(prepared: Prepared, jobs: list, folder: Path, blocks: int) -> None:
     write_text_atomic(path, json.dumps(history, indent=2) + "\n")
 
 
-def wait_for(submitted: Submitted, prepared: Prepared, *, on_progress: Callable[[int], None]) -> list[str]:
+def wait_for(jobs: list, prepared: Prepared, *, on_progress: Callable[[int], None]) -> list[str]:
     """Wait until every task ended, calling ``on_progress(done blocks)`` as records appear; a stop signal
     cancels the tasks (SIGTERM: each stops after its block in flight). Returns how each task ended
     when it did not end well ("job 123_1: ...")."""
@@ -92,15 +85,15 @@ def wait_for(submitted: Submitted, prepared: Prepared, *, on_progress: Callable[
     with interrupts.passed_on() as new_signals:
         while True:
             if new_signals():
-                for job in submitted.jobs:
+                for job in jobs:
                     if not job.done():
                         job.cancel(check=False)
             on_progress(len(prepared.records.done_names()))
-            if all(job.done() for job in submitted.jobs):
+            if all(job.done() for job in jobs):
                 break
             time.sleep(0.5)
     interrupts.check()  # stopped by a signal: the tasks are cancelled, say so (exit 130/143)
-    for job in submitted.jobs:
+    for job in jobs:
         problems += _ending(job)
     on_progress(len(prepared.records.done_names()))
     return problems

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,11 +40,15 @@ class WorkerOrder:
     request: VolumeRequest
 
 
+#: Called after each block: (block, True if the model ran / False if it held no scroll / None if it failed,
+#: the error or None).
+OnBlock = Callable[[Block, "bool | None", "str | None"], None]
+
+
 @dataclass
 class SharedOutcome:
-    """What the workers did: blocks done, failed (name -> error), and workers that died (exit codes)."""
+    """What went wrong: blocks that failed (name -> error), workers that died (exit codes)."""
 
-    done: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     died: list[int] = field(default_factory=list)
 
@@ -53,8 +58,9 @@ def block_log(prepared: Prepared, block: Block) -> Path:
 
 
 def predict_recording_failure(prepared: Prepared, block: Block, log: Path | None = None) -> tuple[bool | None, str | None]:
-    """Predict one block; an exception is recorded as the block's failure (traceback in ``log``, by
-    default ``.vlab/logs/<block>.log``) instead of ending the worker: (predicted, None) or (None, error)."""
+    """Predict one block; an exception is recorded as the block's failure instead of ending the process:
+    (predicted, None) or (None, error). Its traceback goes to ``log`` (a job array task's own log, which is
+    this process's stderr) or, by default, to ``.vlab/logs/<block>.log``."""
     from vesuvius_lab.core.inference.volume_predict import predict_one
 
     try:
@@ -67,8 +73,22 @@ def predict_recording_failure(prepared: Prepared, block: Block, log: Path | None
             log = block_log(prepared, block)
             log.parent.mkdir(parents=True, exist_ok=True)
             log.write_text(traceback.format_exc())
+        else:
+            print(f"block {block.name} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         prepared.records.mark_failed(block, error, log)
         return None, error
+
+
+def predict_here(prepared: Prepared, todo: list[Block], *, on_block: OnBlock) -> SharedOutcome:
+    """Run ``todo`` in this process, one block after another; a stop signal is acted on between blocks."""
+    outcome = SharedOutcome()
+    for block in todo:
+        interrupts.check()
+        predicted, error = predict_recording_failure(prepared, block)
+        if error is not None:
+            outcome.failed[block.name] = error
+        on_block(block, predicted, error)
+    return outcome
 
 
 def open_prepared(order: WorkerOrder) -> Prepared:
@@ -104,7 +124,7 @@ def _worker(order: WorkerOrder, tasks, results, parent: int) -> None:
 
 
 def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrder, jobs: int, device: str, *,
-                         on_block: Callable[[Block, bool | None, str | None], None]) -> SharedOutcome:
+                         on_block: OnBlock) -> SharedOutcome:
     """Run ``todo`` on ``jobs`` worker processes, on slots of ``device`` (resolved: "cpu" or "cuda");
     ``on_block(block, predicted, error)`` after each.
     Raises :class:`~vesuvius_lab.core.interrupts.Interrupted` after every worker stopped, when a stop
@@ -145,9 +165,7 @@ def predict_with_workers(prepared: Prepared, todo: list[Block], order: WorkerOrd
                 ready += 1
                 continue
             _, name, predicted, error = message
-            if error is None:
-                outcome.done += 1
-            else:
+            if error is not None:
                 outcome.failed[name] = error
             on_block(by_name[name], predicted, error)
     for worker in workers:

@@ -35,7 +35,6 @@ def _keep_largest_chunked(params: KeepLargestParams, *, threshold: float = 0.5, 
 
     def step(volume):
         labels, count = chunked.label(chunked.to_mask(volume, threshold), params.connectivity)
-        count = chunked.count_of(count)
         return chunked.look_up(labels, _kept(chunked.per_label(labels, count), params.count))
 
     return step
