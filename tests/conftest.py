@@ -80,6 +80,16 @@ def tiny_run(synth_data, tmp_path_factory) -> Path:
     return train(load_experiment(root / "tiny.toml"), project).path
 
 
+@pytest.fixture(scope="session")
+def nnunet_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, cache): test_nnunet's tiny dataset and one nnU-Net preprocessing cache for the session. nnU-Net
+    plans and preprocesses a dataset once per content; every nnU-Net run of the suite reuses it."""
+    from test_nnunet import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    return write_tiny_dataset(root / "data"), root / "cache"
+
+
 # --------------------------------------------------------------------------- training in a subprocess
 
 
@@ -89,10 +99,48 @@ def experiment(tmp_path: Path, epochs: int = 2, iterations: int = 4) -> Path:
     return path
 
 
-def vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], env=env, capture_output=True,
-                          text=True, timeout=600, **kwargs)
+def run_cli(args: list, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`vlab ARGS` run inside this process, as a CompletedProcess of its exit status, stdout and stderr.
+
+    The suite's way to run a command whose subject is what it does, not how its process starts, stops or
+    dies: a subprocess would import torch, MONAI and SMP again (about 10 s), this costs nothing. The
+    environment (``env`` added), the working directory and the signal handlers are the call's only. An
+    exception that is not a user's mistake propagates, as the traceback a subprocess would print. Output
+    that child processes (workers, ranks) write goes to the test's own capture, not into the result."""
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
+    from vesuvius_lab.cli import main
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = StringIO(), StringIO()
+    os.environ.update(env)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                main([str(arg) for arg in args])
+                code = 0
+            except SystemExit as stopped:
+                code = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["vlab", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def vlab_process(args: list, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`vlab ARGS` in a process of its own (one thread, ``env`` added): for what only a real process shows,
+    e.g. a PYTHONPATH, a crash, the terminal's width."""
+    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def vlab(args: list[str], data: Path, runs: Path) -> subprocess.CompletedProcess:
+    """`vlab ARGS` in this process (``run_cli``) on the data folder ``data`` and the runs folder ``runs``."""
+    return run_cli(args, VLAB_DATA=str(data), VLAB_RUNS=str(runs))
 
 
 def start_vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.Popen:
@@ -102,31 +150,10 @@ def start_vlab(args: list[str], data: Path, runs: Path, **kwargs) -> subprocess.
 
 
 @pytest.fixture
-def vlab_here(capsys, monkeypatch):
-    """``vlab_here(args, cwd=None, **env)``: `vlab ARGS` run inside this process, as a CompletedProcess of its
-    exit status, stdout and stderr. Far cheaper than a subprocess (nothing to import again), for checks of
-    what a command says and exits with; an exception that is not a user's mistake propagates, as the
-    traceback a subprocess would print. The working directory and environment are the call's only."""
-    from vesuvius_lab.cli import main
-
-    def run(args: list[str], cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with monkeypatch.context() as patch:
-            for name in ("VLAB_DATA", "VLAB_RUNS"):  # --data and --runs write them; undone after the call
-                patch.setenv(name, os.environ.get(name, ""))  # empty = unset
-            for name, value in env.items():
-                patch.setenv(name, value)
-            if cwd is not None:
-                patch.chdir(cwd)
-            try:
-                main([str(arg) for arg in args])
-                code = 0
-            except SystemExit as stopped:
-                code = stopped.code if isinstance(stopped.code, int) else (0 if stopped.code is None else 1)
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(["vlab", *args], code, captured.out, captured.err)
-
-    return run
+def vlab_here():
+    """``vlab_here(args, cwd=None, **env)``: ``run_cli`` as a fixture (VLAB_DATA and VLAB_RUNS unset unless
+    given: the call's environment is its own)."""
+    return lambda args, cwd=None, **env: run_cli(args, cwd, **{"VLAB_DATA": "", "VLAB_RUNS": "", **env})
 
 
 def only_run(runs: Path) -> Run:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import vlab_process
 
 from vesuvius_lab.core.data.dataset import Dataset
 from vesuvius_lab.core.errors import UserError
@@ -22,11 +22,6 @@ EXPERIMENT = 'name = "x"\n[model]\nplugin = "smp_unet25d"\n'
 #: "café" in Latin-1: byte 29 (0xe9, line 2) is not UTF-8.
 LATIN1 = b'name = "x"\ndescription = "caf\xe9"\n[model]\nplugin = "smp_unet25d"\n'
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def vlab(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
 def assert_clear_failure(result: subprocess.CompletedProcess, expected: str) -> None:
@@ -208,7 +203,7 @@ def test_deep_nesting_given_with_set(tmp_path, cwd):
     path = tmp_path / "exp.toml"
     path.write_text(EXPERIMENT)
     deep = "[" * 1000 + "]" * 1000
-    result = vlab(["validate", str(path), "--set", f"model.params.encoder={deep}"], cwd)
+    result = vlab_process(["validate", str(path), "--set", f"model.params.encoder={deep}"], cwd)
     assert_clear_failure(result, "--set model.params.encoder=[[[")
     assert "nested more than 64 levels deep" in result.stderr
 
@@ -227,7 +222,7 @@ def test_non_finite_params_of_a_third_party_plugin(tmp_path, cwd):
     path = tmp_path / "exp.toml"
     path.write_text(EXPERIMENT + '[[loss]]\nplugin = "loose"\nparams = { gamma = nan, scales = [1.0, -inf] }\n')
     python_path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    result = vlab(["validate", str(path)], cwd, PYTHONPATH=python_path)
+    result = vlab_process(["validate", str(path)], cwd, PYTHONPATH=python_path)
     assert_clear_failure(result, f"{path}:6: loss.0.params.gamma: nan is not a finite number")
     assert f"{path}:6: loss.0.params.scales.1: -inf is not a finite number" in result.stderr
 

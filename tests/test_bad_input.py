@@ -9,24 +9,18 @@ command-line mistakes are built by the tests below.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from conftest import run_cli
 
 from vesuvius_lab.core.data.tiff import write_volume
 
 CORPUS = sorted((Path(__file__).parent / "bad_inputs").glob("*.toml"))
-
-
-def vlab(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
 def snapshot(folder: Path) -> dict:
@@ -50,7 +44,7 @@ def test_experiment_file_mistakes(path, tmp_path, vlab_here):
 
 def test_every_corpus_file_fails_in_one_run(tmp_path):
     """The one real `vlab validate` process of the corpus (the tests above run the command in this process)."""
-    result = vlab(["validate", *map(str, CORPUS)], tmp_path)
+    result = run_cli(["validate", *map(str, CORPUS)], tmp_path)
     assert result.returncode == 2
     assert f"problem(s) in {len(CORPUS)} file(s)" in result.stderr
 
@@ -58,7 +52,7 @@ def test_every_corpus_file_fails_in_one_run(tmp_path):
 def test_train_refuses_mistakes_before_writing_anything(synth_data, tmp_path):
     runs = tmp_path / "runs"
     syntax_error = Path(__file__).parent / "bad_inputs" / "syntax_missing_quote.toml"
-    result = vlab(["train", str(syntax_error)], tmp_path, VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
+    result = run_cli(["train", str(syntax_error)], tmp_path, VLAB_DATA=str(synth_data), VLAB_RUNS=str(runs))
     assert_clear_failure(result, "TOML syntax error")
     assert not runs.exists()
 
@@ -133,7 +127,7 @@ def test_data_check_reports_every_problem_at_once(synth_data, tmp_path):
     (data / "train_labels" / f"{ids[2]}.tif").unlink()
     for path in (data / "test_images").glob("*.tif"):
         path.unlink()
-    result = vlab(["data", "check", str(data)], tmp_path)
+    result = run_cli(["data", "check", str(data)], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for fragment in (f"{ids[0]}.tif", f"{ids[1]}.tif", f"{ids[2]}.tif", "test_images"):
         assert fragment in result.stderr, fragment
@@ -181,5 +175,5 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, vlab_here):
 
 
 def test_unknown_command_option_and_missing_argument(tmp_path):
-    assert vlab(["trian"], tmp_path).returncode == 2
-    assert vlab(["train", "--nproc", "0", "x.toml"], tmp_path).returncode == 2
+    assert run_cli(["trian"], tmp_path).returncode == 2
+    assert run_cli(["train", "--nproc", "0", "x.toml"], tmp_path).returncode == 2

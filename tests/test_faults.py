@@ -147,15 +147,18 @@ def test_sigterm_saves_mid_epoch_and_the_resume_keeps_the_exact_schedule(synth_d
 
 
 def test_sigterm_to_a_ddp_run_stops_every_rank_at_one_step_and_resumes(synth_data, tmp_path):
-    """The parent of spawned DDP ranks passes SIGTERM on; the ranks agree on the step to stop at."""
+    """Two DDP ranks on the CPU (gloo) train and checkpoint one run; their parent passes SIGTERM on, and the
+    ranks agree on the step to stop at."""
     runs, iterations = tmp_path / "runs", 40
     process = start_vlab(["train", str(experiment(tmp_path, epochs=2, iterations=iterations)), "--nproc", "2"],
                          synth_data, runs)
     run = wait_for_epochs(runs, 1, process)
+    assert run.read("env.json")["world_size"] == 2 and (run.checkpoints / "last.pt").is_file()
     _sleep_a_few_steps_into_the_next_epoch(run, iterations)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=180)
     assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "starting 2 DDP processes (gloo)" in stderr
     assert effective_state(run) == "interrupted" and "Traceback" not in stderr
     epoch, iteration = checkpoint.load(run.checkpoints / "last.pt")["resume_at"]
     assert epoch == 1 and 0 < iteration < iterations

@@ -68,8 +68,8 @@ def write_tiny_dataset(root: Path, n: int = 5, side: int = 32, seed: int = 0) ->
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return write_tiny_dataset(tmp_path_factory.mktemp("nnunet") / "data")
+def tiny_data(nnunet_data) -> Path:
+    return nnunet_data[0]
 
 
 def make_job(data: Path, run_dir: Path, cache: Path, fold: int | str, params: dict, log: list, *, epochs: int = 1,
@@ -314,11 +314,12 @@ def test_example_experiments_validate(name, tiny_data, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory):
+def trained(nnunet_data, tmp_path_factory):
     """One real nnU-Net training of fold 0: shrunk ResEncM plan, 1 epoch of 2 iterations, CPU."""
     root = tmp_path_factory.mktemp("nnunet-run")
     log: list[str] = []
-    job = make_job(tiny_data, root / "run", root / "cache", 0, TINY_PARAMS, log)
+    data, cache = nnunet_data
+    job = make_job(data, root / "run", cache, 0, TINY_PARAMS, log)
     model = registry.build("models", "nnunet", job.spec.model.params)
     model.train(job)
     return job, model, log

@@ -9,12 +9,11 @@ still pass, and `vlab train` of a bad file writes nothing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK = sorted((REPO / "experiments" / "quick").glob("*.toml"))
@@ -159,11 +158,6 @@ GOOD = {
 }
 
 
-def vlab(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
-
-
 def make_runs(runs: Path) -> None:
     """Run folders as `vlab train` leaves them, as far as the checks read them (spec.json, best.pt)."""
     stitcher = ("hole_stitcher_unet", {"channels": [4, 8, 16]})
@@ -203,7 +197,7 @@ def validated(project) -> subprocess.CompletedProcess:
     """One `vlab validate` of every case file (each reports its own problems)."""
     root = project["root"]
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    result = vlab(["validate", *(f"{name}.toml" for name in CASES)], root, **project["env"])
+    result = run_cli(["validate", *(f"{name}.toml" for name in CASES)], root, **project["env"])
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing written
     return result
 
@@ -246,7 +240,7 @@ def test_valid_files_using_the_same_features_pass(project, vlab_here):
 def test_train_refuses_an_unknown_encoder_before_writing_anything(project, tmp_path):
     (tmp_path / "exp.toml").write_text(CASES["smp_unknown_encoder"][0])
     runs = tmp_path / "runs"
-    result = vlab(["train", "exp.toml"], tmp_path, VLAB_RUNS=str(runs))
+    result = run_cli(["train", "exp.toml"], tmp_path, VLAB_RUNS=str(runs))
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "exp.toml:7: model.params.encoder:" in result.stderr and 'Did you mean "resnet18"?' in result.stderr
     assert "Traceback" not in result.stderr

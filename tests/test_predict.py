@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+from conftest import run_cli
 
 from vesuvius_lab.core.data.tiff import read_tiff, read_volume, write_volume
 
 
-def vlab(args: list[str], cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", *args], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=cwd, **kwargs)
+def vlab(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run_cli(args, cwd)
 
 
 def test_predict_writes_masks_and_probabilities_of_each_input_shape(tiny_run, synth_data, tmp_path):

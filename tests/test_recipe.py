@@ -215,7 +215,7 @@ def test_ema_weights_differ_from_the_raw_ones_and_are_what_validation_used(synth
 def test_init_from_a_run_with_another_window_trains_and_is_recorded(tiny_run, synth_data, tmp_path, vlab_here):
     runs = tmp_path / "runs"
     first = copy_run(Run(tiny_run), runs)  # a finished run of tiny_experiment(), window 8x32x32
-    larger = f'\n[data]\nwindow = [8, 48, 48]\n'.join(tiny_experiment("second").split("\n[data]\nwindow = [8, 32, 32]\n"))
+    larger = '\n[data]\nwindow = [8, 48, 48]\n'.join(tiny_experiment("second").split("\n[data]\nwindow = [8, 32, 32]\n"))
     larger = larger.replace("[train]\n", f'[train]\ninit = "{first.experiment}/{first.id}"\n')
     (tmp_path / "second.toml").write_text(larger)
     result = vlab(["train", str(tmp_path / "second.toml")], synth_data, runs)

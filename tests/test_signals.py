@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import tiny_experiment
+from conftest import run_cli, tiny_experiment
 from test_tune import TUNE  # the same [tune] table as the tune tests
 
 from vesuvius_lab.core import interrupts
@@ -139,7 +139,7 @@ def test_vlab_tune_stopped_by_a_signal_is_continued_with_no_trial_lost_and_none_
     before = {t.number: (t.params, t.value) for t in optuna.load_study(
         study_name="tiny-tuned", storage=f"sqlite:///{db}").trials}
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    again = run_cli(command[3:])  # continued in this process: only the stop needed one of its own
     assert again.returncode == 0, again.stderr
     assert f"continuing {run.path}" in " ".join(again.stderr.split())
     finished = _states(db)
@@ -199,16 +199,16 @@ def test_a_trial_a_forced_stop_cuts_short_is_run_again(synth_data, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_nnunet_training_stops_at_the_end_of_an_epoch_saving_it_and_resumes_there(tmp_path):
+def test_nnunet_training_stops_at_the_end_of_an_epoch_saving_it_and_resumes_there(nnunet_data, tmp_path):
     """nnU-Net saves its latest checkpoint every 50 epochs only; a stop saves the epoch it ends."""
     import torch
-    from test_nnunet import TINY_PARAMS, fold_folder, make_job, write_tiny_dataset
+    from test_nnunet import TINY_PARAMS, fold_folder, make_job
 
     from vesuvius_lab.core import registry
 
     log: list[str] = []
-    job = make_job(write_tiny_dataset(tmp_path / "data"), tmp_path / "run", tmp_path / "cache", 0, TINY_PARAMS, log,
-                   epochs=3)
+    data, cache = nnunet_data
+    job = make_job(data, tmp_path / "run", cache, 0, TINY_PARAMS, log, epochs=3)
     model = registry.build("models", "nnunet", job.spec.model.params)
     with interrupts.stop_signals(), pytest.raises(interrupts.Interrupted):
         os.kill(os.getpid(), signal.SIGTERM)  # asked for before the first epoch ends

@@ -3,7 +3,6 @@ non-finite losses, DDP on the CPU and its gradient equivalence."""
 
 from __future__ import annotations
 
-import json
 import signal
 import textwrap
 from pathlib import Path
@@ -107,17 +106,6 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(tiny_run,
     assert "The loss became inf" in result.stderr and "Traceback" not in result.stderr
     assert (run.checkpoints / "last.pt").read_bytes() == before
     assert effective_state(run) == "failed"
-
-
-def test_two_ddp_processes_on_the_cpu_train_and_checkpoint(synth_data, tmp_path):
-    runs = tmp_path / "runs"
-    result = vlab(["train", str(experiment(tmp_path, epochs=1, iterations=2)), "--nproc", "2"], synth_data, runs)
-    assert result.returncode == 0, result.stderr
-    run = only_run(runs)
-    assert run.read("env.json")["world_size"] == 2
-    assert "starting 2 DDP processes (gloo)" in result.stderr
-    assert checkpoint.load(run.checkpoints / "last.pt")["epoch"] == 0
-    assert json.loads((run.path / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
 
 
 # --------------------------------------------------------------------------- gradient equivalence

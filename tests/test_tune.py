@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from conftest import tiny_experiment
+from conftest import run_cli, tiny_experiment
 
 from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.config.spec import Experiment, TuneRange
@@ -35,9 +35,8 @@ params = { min_voxels = 10 }
 """
 
 
-def vlab(args: list[str], project: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vesuvius_lab", "--project", str(project), *args],
-                          capture_output=True, text=True, timeout=900, **kwargs)
+def vlab(args: list[str], project: Path) -> subprocess.CompletedProcess:
+    return run_cli(["--project", str(project), *args])
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,8 @@ def test_the_leaderboard_ranks_the_tuned_run_as_its_own_row(tuned, trained):
     assert board.returncode == 0, board.stderr
     rows = {row["experiment"]: row for row in json.loads(board.stdout)["rows"]}
     assert {"tiny", "tiny-tuned"} <= set(rows)
-    text = vlab(["leaderboard"], trained / "vesuvius.toml", env={**os.environ, "COLUMNS": "250"})
+    text = subprocess.run([sys.executable, "-m", "vesuvius_lab", "--project", str(trained / "vesuvius.toml"),
+                           "leaderboard"], env={**os.environ, "COLUMNS": "250"}, capture_output=True, text=True)
     assert "tiny-tuned (tuned, cross-validated)" in " ".join(text.stdout.split())
 
 
@@ -175,7 +175,7 @@ def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):
     assert effective_state(run) == "killed"
     before = [t for t in study_trials(run.path / "study.db", "tiny-tuned") if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(before) >= 4
-    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    again = run_cli(command[3:])  # continued in this process: only the kill needed one of its own
     assert again.returncode == 0, again.stderr
     assert f"continuing {run.path}" in " ".join(again.stderr.split())
     after = study_trials(run.path / "study.db", "tiny-tuned")

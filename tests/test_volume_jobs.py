@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from test_large_volumes import SMALL, _blocks_done, _start, dilating_run, level, predict, scroll, volume  # noqa: F401
 from vesuvius_lab.cli import main
@@ -36,6 +37,15 @@ def global_run(tiny_run, tmp_path_factory) -> Path:
         {"plugin": "fill_holes", "params": {"mode": "3d"}}]
     (copy / "spec.json").write_text(json.dumps(spec))
     return copy
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_run, scroll, tmp_path_factory) -> Path:
+    """What one process writes with SLURM_OPTIONS: the output that every run over many processes must equal.
+    Module-shared: read it only."""
+    out = tmp_path_factory.mktemp("whole") / "whole.zarr"
+    assert predict(tiny_run, scroll, out, *SLURM_OPTIONS) == 0
+    return out
 
 
 def vlab(*args) -> int:
@@ -92,9 +102,8 @@ def test_a_bbox_through_the_global_pass_is_the_chain_on_the_box(global_run, scro
     assert not written[outside].any()
 
 
-def test_a_job_array_with_a_killed_task_resubmitted_equals_an_uninterrupted_run(tiny_run, scroll, tmp_path, capsys):
-    whole = tmp_path / "whole.zarr"
-    assert predict(tiny_run, scroll, whole, *SLURM_OPTIONS) == 0
+def test_a_job_array_with_a_killed_task_resubmitted_equals_an_uninterrupted_run(tiny_run, scroll, whole, tmp_path,
+                                                                                capsys):
     total = _blocks_done(whole)
     out = tmp_path / "array.zarr"
     command = [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", "--runs", str(tmp_path / "runs"), "predict",
@@ -120,19 +129,11 @@ def test_a_job_array_with_a_killed_task_resubmitted_equals_an_uninterrupted_run(
     said = " ".join(capsys.readouterr().out.split())
     assert f"{left} left" in said and "last submission: 2 task(s)" in said and "--resume" in said
 
-    resumed = subprocess_run(command + ["--resume"])
+    resumed = run_cli([*command[3:], "--resume"])  # in this process: only the kill needed its own
     assert resumed.returncode == 0, resumed.stderr
     assert f"submitted {left} block(s)" in " ".join(resumed.stderr.split())
     for index in range(6):
         assert np.array_equal(level(out, index), level(whole, index)), index
-
-
-def subprocess_run(command):
-    import os
-    import subprocess
-
-    return subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_status_of_a_folder_that_is_no_output_is_a_message(tmp_path, capsys):
@@ -145,10 +146,9 @@ def test_predict_without_run_or_output_says_what_to_give(tmp_path, capsys):
     assert "give RUN, --input, --output" in " ".join(capsys.readouterr().err.split())
 
 
-def test_ctrl_c_stops_every_worker_after_its_block_and_resume_completes_the_same_output(tiny_run, scroll, tmp_path):
-    options = ["--chunk", "16", "--block", "16", "--support-mask", "none", "--probabilities"]
-    whole = tmp_path / "whole.zarr"
-    assert predict(tiny_run, scroll, whole, *options) == 0
+def test_ctrl_c_stops_every_worker_after_its_block_and_resume_completes_the_same_output(tiny_run, scroll, whole,
+                                                                                        tmp_path):
+    options = SLURM_OPTIONS
     out = tmp_path / "stopped.zarr"
     command = [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", "predict", str(tiny_run), "--input", str(scroll),
                "--output", str(out), *options, "--jobs", "2"]

@@ -248,7 +248,8 @@ class PatchAugmenter:
         """(D, H, W) uint8 image, label and optional skeleton -> image (1, D, H, W) float32 in about
         0..1 and targets (1 or 2, D, H, W) uint8: the label, then the skeleton if given."""
         image, *targets = self.orientation(image, label, *([] if skeleton is None else [skeleton]))
-        sample = {IMAGE: torch.from_numpy(np.ascontiguousarray(image)[None]).float().div_(255.0),
+        # One copy to float32 (a patch may be a read-only view of the memory-mapped cache).
+        sample = {IMAGE: torch.from_numpy(np.array(image, dtype=np.float32)[None]).div_(255.0),
                   LABEL: torch.from_numpy(np.stack(targets))}
         tracking = get_track_meta()
         set_track_meta(False)  # plain tensors: MONAI's metadata (for inverting transforms) costs ~1 ms a patch

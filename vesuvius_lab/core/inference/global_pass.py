@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,7 @@ def _client(address: str | None, workers: int | None) -> Iterator[object]:
 
     if address:
         try:
+            _refuses(address)
             client = Client(address, timeout="10s")
         except (OSError, TimeoutError, ValueError) as exc:
             raise UserError(f"--dask {address}: no dask scheduler answers there ({exc}). Start one (`dask "
@@ -263,3 +265,19 @@ def _client(address: str | None, workers: int | None) -> Iterator[object]:
     with LocalCluster(n_workers=max(1, workers or cores), threads_per_worker=1, processes=True, dashboard_address=None,
                       memory_limit="auto") as cluster, Client(cluster) as client:
         yield client
+
+
+def _refuses(address: str) -> None:
+    """Raise ConnectionRefusedError at once where nothing listens on a tcp:// address; the client would retry
+    a refused connection for its whole timeout. Other schemes and unreachable hosts are left to the client."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=2).close()
+    except ConnectionRefusedError:
+        raise
+    except OSError:
+        return
