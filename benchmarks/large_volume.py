@@ -157,6 +157,21 @@ def global_pass(run: Path, probabilities: Path, folder: Path, workers: int) -> d
             "worker_mib": sorted(peaks.values())}
 
 
+def jobs_comparison(run: Path, scroll: Path, folder: Path, size: str, block: str, summary: list) -> tuple:
+    """`--jobs 1` against `--jobs 2` over the same blocks: (size, seconds of each, peak MiB of a --jobs 2
+    process, outputs equal)."""
+    timed = {}
+    for jobs in (1, 2):
+        target = folder / f"surface-{size}-jobs{jobs}.zarr"
+        shutil.rmtree(target, ignore_errors=True)
+        timed[jobs] = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(target),
+                                    "--probabilities", "--block", block, "--jobs", str(jobs)))
+    same = same_levels(folder / f"surface-{size}-jobs1.zarr", folder / f"surface-{size}-jobs2.zarr")
+    summary.append(_summary.row("large_volume", f"--jobs 2, {size} G voxels", timed[2][0], "s",
+                                peer=timed[1][0], peer_name="--jobs 1"))
+    return size, timed[1][0], timed[2][0], timed[2][1], same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run folder or experiment name (e.g. quick-unet25d)")
@@ -164,6 +179,8 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=320, help="side of the in-memory peer's cube")
     parser.add_argument("--workdir", help="where the volumes go (default: a temporary folder, removed after)")
     parser.add_argument("--no-jobs", action="store_true", help="skip the --jobs 1 / --jobs 2 comparison")
+    parser.add_argument("--only-jobs", action="store_true", help="only the --jobs 1 / --jobs 2 comparison (a scroll "
+                        "already in --workdir is used as it is)")
     parser.add_argument("--jobs-block", default="128,512,512", help="the block of the --jobs comparison")
     parser.add_argument("--pass-workers", type=int, default=2, help="dask workers of the global pass")
     _summary.add_argument(parser)
@@ -180,8 +197,13 @@ def main() -> None:
         for size in args.sizes:
             shape = SHAPES[size]
             scroll, out = folder / f"scroll-{size}.zarr", folder / f"surface-{size}.zarr"
-            shutil.rmtree(out, ignore_errors=True)
+            if args.only_jobs:
+                if not any((scroll / marker).is_file() for marker in ("zarr.json", ".zattrs")):
+                    measured(vlab("data", "synth", "--zarr", str(scroll), "--shape", *map(str, shape)))
+                jobs_rows.append(jobs_comparison(run, scroll, folder, size, args.jobs_block, summary))
+                continue
             write_s, write_mib = measured(vlab("data", "synth", "--zarr", str(scroll), "--shape", *map(str, shape)))
+            shutil.rmtree(out, ignore_errors=True)
             # Probabilities: the quick models' chains hold global steps (connected components), which need
             # the pass over the whole written output, not blocks.
             predict = vlab("predict", str(run), "--input", str(scroll), "--output", str(out), "--probabilities")
@@ -193,16 +215,7 @@ def main() -> None:
             rows.append((size, shape, write_s, write_mib, predict_s, predict_mib, voxels / predict_s, predicted,
                          empty, repeat, resume_s))
             if not args.no_jobs:
-                timed = {}
-                for jobs in (1, 2):
-                    target = folder / f"surface-{size}-jobs{jobs}.zarr"
-                    shutil.rmtree(target, ignore_errors=True)
-                    timed[jobs] = measured(vlab("predict", str(run), "--input", str(scroll), "--output", str(target),
-                                                "--probabilities", "--block", args.jobs_block, "--jobs", str(jobs)))
-                same = same_levels(folder / f"surface-{size}-jobs1.zarr", folder / f"surface-{size}-jobs2.zarr")
-                jobs_rows.append((size, timed[1][0], timed[2][0], timed[2][1], same))
-                summary.append(_summary.row("large_volume", f"--jobs 2, {size} G voxels", timed[2][0], "s",
-                                            peer=timed[1][0], peer_name="--jobs 1"))
+                jobs_rows.append(jobs_comparison(run, scroll, folder, size, args.jobs_block, summary))
             passed = global_pass(run, out, folder, args.pass_workers)
             if passed:
                 pass_rows.append((size, passed))
@@ -212,17 +225,19 @@ def main() -> None:
             summary.append(_summary.row("large_volume", f"peak memory, {size} G voxels", predict_mib, "MiB"))
             summary.append(_summary.row("large_volume", f"skipped blocks, {size} G voxels", empty / (predicted + empty),
                                         "share"))
-        cube = reference_cube(folder / f"scroll-{args.sizes[0]}.zarr", args.reference, folder)
-        peer = peer_ratio(run, cube, folder)
+        if not args.only_jobs:
+            cube = reference_cube(folder / f"scroll-{args.sizes[0]}.zarr", args.reference, folder)
+            peer = peer_ratio(run, cube, folder)
     finally:
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
 
     print(f"run {run}, {os.cpu_count()} CPU core(s), torch threads as set by OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    print("| volume (G voxels) | shape | write s | write peak MiB | predict s | predict peak MiB | voxels/s | "
-          "blocks predicted | blocks skipped | windows repeated by halos | --resume s (all done) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if rows:
+        print("| volume (G voxels) | shape | write s | write peak MiB | predict s | predict peak MiB | voxels/s | "
+              "blocks predicted | blocks skipped | windows repeated by halos | --resume s (all done) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size, shape, write_s, write_mib, predict_s, predict_mib, rate, predicted, empty, repeat, resume_s in rows:
         print(f"| {size} | {'x'.join(map(str, shape))} | {write_s:.0f} | {write_mib:.0f} | {predict_s:.0f} | "
               f"{predict_mib:.0f} | {rate / 1e6:.2f} M | {predicted} | {empty} | {repeat - 1:+.1%} | {resume_s:.1f} |")
@@ -236,6 +251,9 @@ def main() -> None:
         print(f"\nglobal pass, {size} G voxels: {', '.join(passed['steps'])} in {passed['seconds']:.0f} s on "
               f"{len(passed['worker_mib'])} dask worker(s), peak {', '.join(f'{m:.0f}' for m in passed['worker_mib'])} "
               "MiB per worker")
+    if args.only_jobs:
+        _summary.write(args.summary, summary)
+        return
     ratio = peer["in_memory_s"] / peer["blocks_s"]
     print(f"\nthroughput on a {round(peer['voxels'] ** (1 / 3))}^3 cube of scroll, both with the thread-independent "
           f"convolutions blocks use: in memory {peer['voxels'] / peer['in_memory_s'] / 1e6:.2f} M voxels/s "
