@@ -4,16 +4,24 @@ Both caches of the project use this: decoded volumes (``core/data``) and the pro
 ensemble members predicted (``core/inference/probability_cache.py``). An entry is
 ``<name>.npy`` plus ``<name>.npy.sum`` (JSON: shape, dtype, byte size, blake2b of the data),
 both written atomically, the checksum last. Reading an entry checks the shape, dtype and size
-against the ``.sum`` each time (cheap), the data's hash once per process (a few tens of ms for a
-320^3 volume), and, where the caller gives one, a check of the values (e.g. probabilities finite
-and in [0, 1]). An entry that fails any check (overwritten, truncated, another array of the same
-size, a missing checksum) is deleted and reported as absent, so the caller rebuilds it.
+against the ``.sum`` each time (cheap), the data's hash once (a few tens of ms and every byte read
+for a 320^3 volume), and, where the caller gives one, a check of the values (e.g. probabilities
+finite and in [0, 1]). An entry that fails any check (overwritten, truncated, another array of the
+same size, a missing checksum) is deleted and reported as absent, so the caller rebuilds it.
+
+"Once" is per entry, not per process: a matching hash is stamped into the ``.sum`` with the entry's
+inode, size, mtime and ctime, and a later reader whose ``stat`` gives the same four trusts the data
+without reading it. Any write to the entry changes its mtime and ctime, a replacement its inode, so
+a damaged entry is hashed again. As in git's index, an entry modified within :data:`RACY_S` of the
+check is not stamped (a write in the same timestamp tick could not be told apart); the next
+reader checks it. ``vlab data check`` always hashes (``full=True``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +36,8 @@ _CHUNK = 1 << 24
 ValueCheck = Callable[[np.ndarray], "str | None"]
 
 _verified: dict[tuple[str, int, int], bool] = {}  # (path, mtime_ns, size) -> the data hash matched
+#: An entry modified less than this many seconds before its hash was checked gets no stamp.
+RACY_S = 2.0
 
 
 def checksum_path(entry: Path) -> Path:
@@ -65,8 +75,9 @@ def read_array(entry: Path, check: ValueCheck | None = None) -> np.ndarray | Non
     return np.load(entry, mmap_mode="r")
 
 
-def entry_problem(entry: Path, check: ValueCheck | None = None) -> str | None:
-    """None for a sound entry, ``"absent"``, or what is wrong with it."""
+def entry_problem(entry: Path, check: ValueCheck | None = None, *, full: bool = False) -> str | None:
+    """None for a sound entry, ``"absent"``, or what is wrong with it; ``full`` hashes the data even where
+    this process or a stamp verified it already."""
     try:
         stat = entry.stat()
         array = np.load(entry, mmap_mode="r")
@@ -83,13 +94,28 @@ def entry_problem(entry: Path, check: ValueCheck | None = None) -> str | None:
         return f"holds {array.dtype} {tuple(array.shape)} ({stat.st_size} bytes), its checksum says {dtype} " \
                f"{tuple(shape)} ({size} bytes)"
     key = (str(entry), stat.st_mtime_ns, stat.st_size)
-    if not _verified.get(key):
+    if full or not (_verified.get(key) or expected.get("verified") == _identity(stat)):
         if data_digest(array) != digest:
             return "its data does not match its checksum"
         _verified[key] = True
+        _stamp(entry, expected, stat)
     if check is not None:
         return check(array)
     return None
+
+
+def _identity(stat) -> list[int]:
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _stamp(entry: Path, expected: dict, stat) -> None:
+    """Record in the entry's checksum that its data matched, for this inode, size, mtime and ctime."""
+    if expected.get("verified") == _identity(stat) or time.time_ns() - stat.st_mtime_ns < RACY_S * 1e9:
+        return
+    try:
+        write_json_atomic(checksum_path(entry), {**expected, "verified": _identity(stat)})
+    except OSError:  # a read-only cache: every process hashes once, as before
+        pass
 
 
 def remove(entry: Path) -> None:

@@ -299,7 +299,7 @@ def check_cache(paths: list[Path], cache_dir: Path) -> list[str]:
     for path in paths:
         pattern = f"{glob.escape(Path(path).stem)}-*{_path_hash(path)}-*.npy"  # every kind of entry
         for entry in sorted(Path(cache_dir).glob(pattern)):
-            problem = entry_problem(entry)
+            problem = entry_problem(entry, full=True)  # asked for: hash every entry
             if problem not in (None, "absent"):
                 remove(entry)
                 notes.append(f"{entry}: a damaged cache entry of {path} ({problem}); deleted, it is rebuilt when "

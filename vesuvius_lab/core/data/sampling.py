@@ -1,6 +1,8 @@
 """Training patches: foreground-biased, ignore-aware random crops with augmentation.
 
-Volumes are memory-mapped, so a patch costs its own bytes, not the whole volume. Each rank and
+Volumes are memory-mapped, so a patch costs its own bytes, not the whole volume, and a training
+volume is opened when it is first sampled (:class:`CachedVolumeSource`), so start-up and memory do
+not grow with the number of volumes beyond the index. Each rank and
 each DataLoader worker draws from its own random stream (seeded from the run's seed, the rank,
 the worker and the epoch), so ranks see different patches and a resumed run is reproducible.
 The augmentation (:mod:`vesuvius_lab.core.data.augment`) is seeded from that stream too.
@@ -9,6 +11,8 @@ The augmentation (:mod:`vesuvius_lab.core.data.augment`) is seeded from that str
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vesuvius_lab.core.config.spec import Augment
 from vesuvius_lab.core.data.corruption import CorruptionParams, punch_holes
-from vesuvius_lab.core.data.dataset import IGNORE_LABEL, Derived
+from vesuvius_lab.core.data.dataset import IGNORE_LABEL, Derived, open_volume
 from vesuvius_lab.core.data.skeleton import skeleton_target
 
 #: The skeleton-recall targets of a whole label volume, computed once and cached beside the decoded
@@ -27,6 +31,20 @@ SKELETON_TARGETS = Derived("skeleton1", lambda label: skeleton_target(label, IGN
 
 #: Foreground coordinates kept per volume for oversampling (a subsample is plenty).
 MAX_FOREGROUND_POINTS = 20_000
+
+
+def surface_points(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, 3) int64 coordinates of label == 1, at most :data:`MAX_FOREGROUND_POINTS` of them (a random subsample)."""
+    points = np.argwhere(np.asarray(label) == 1)
+    if len(points) > MAX_FOREGROUND_POINTS:
+        points = points[rng.choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
+    return points
+
+
+#: The surface points of a whole label volume, computed once and cached beside the decoded label, so a
+#: training process reads 480 KB of points for a volume instead of scanning its label.
+SURFACE_POINTS = Derived("surface-points1", lambda label: surface_points(label, np.random.default_rng(0)),
+                         "surface points")
 
 
 @dataclass
@@ -42,10 +60,48 @@ class PatchSource:
     @classmethod
     def from_arrays(cls, image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                     skeleton: np.ndarray | None = None) -> "PatchSource":
-        points = np.argwhere(np.asarray(label) == 1)
-        if len(points) > MAX_FOREGROUND_POINTS:
-            points = points[rng.choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
-        return cls(image, label, points, skeleton)
+        return cls(image, label, surface_points(label, rng), skeleton)
+
+    @property
+    def has_skeleton(self) -> bool:
+        return self.skeleton is not None
+
+    def without_skeleton(self) -> "PatchSource":
+        return replace(self, skeleton=None)
+
+
+class CachedVolumeSource:
+    """A training volume of the decoded-volume cache (:func:`~vesuvius_lab.core.data.dataset.open_volume`),
+    opened when a patch is first drawn from it: the image, the label, its surface points
+    (:data:`SURFACE_POINTS`) and, with ``skeleton``, its skeleton targets, each on first use. Building a
+    stream of hundreds of volumes costs their paths; a volume never sampled is never read. Pickled (a
+    spawned worker), it carries its paths only."""
+
+    def __init__(self, image_path: Path, label_path: Path, cache_dir: Path, *, skeleton: bool = False):
+        self.image_path, self.label_path, self.cache_dir = Path(image_path), Path(label_path), Path(cache_dir)
+        self.has_skeleton = skeleton
+
+    @cached_property
+    def image(self) -> np.ndarray:
+        return open_volume(self.image_path, self.cache_dir)
+
+    @cached_property
+    def label(self) -> np.ndarray:
+        return open_volume(self.label_path, self.cache_dir)
+
+    @cached_property
+    def foreground(self) -> np.ndarray:
+        return open_volume(self.label_path, self.cache_dir, SURFACE_POINTS)
+
+    @cached_property
+    def skeleton(self) -> np.ndarray | None:
+        return open_volume(self.label_path, self.cache_dir, SKELETON_TARGETS) if self.has_skeleton else None
+
+    def without_skeleton(self) -> "CachedVolumeSource":
+        return CachedVolumeSource(self.image_path, self.label_path, self.cache_dir)
+
+    def __getstate__(self) -> dict:
+        return {key: self.__dict__[key] for key in ("image_path", "label_path", "cache_dir", "has_skeleton")}
 
 
 def _crop_start(rng: np.random.Generator, shape: Sequence[int], window: Sequence[int],
@@ -94,13 +150,13 @@ class PatchStream(IterableDataset):
     only geometric augmentation applies.
     """
 
-    def __init__(self, sources: list[PatchSource], window: Sequence[int], *, foreground_share: float,
-                 switches: Augment, seed: int, rank: int = 0, corruption: CorruptionParams | None = None,
-                 skeleton: bool = False):
-        if skeleton and any(source.skeleton is None for source in sources):
+    def __init__(self, sources: list[PatchSource | CachedVolumeSource], window: Sequence[int], *,
+                 foreground_share: float, switches: Augment, seed: int, rank: int = 0,
+                 corruption: CorruptionParams | None = None, skeleton: bool = False):
+        if skeleton and not all(source.has_skeleton for source in sources):
             raise ValueError("skeleton targets were asked for, but a source has none (open them with "
                              "open_volume(label_path, cache_dir, SKELETON_TARGETS))")
-        self.sources = sources if skeleton else [replace(source, skeleton=None) for source in sources]
+        self.sources = sources if skeleton else [source.without_skeleton() for source in sources]
         self.window = tuple(window)
         self.foreground_share, self.corruption = foreground_share, corruption
         self.switches = switches

@@ -26,10 +26,9 @@ from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
 from vesuvius_lab.core.config.spec import Experiment, loader_workers
 from vesuvius_lab.core.console import err
-from vesuvius_lab.core.data.dataset import open_volume, track
+from vesuvius_lab.core.data.dataset import open_volume
 from vesuvius_lab.core.data.loader import Batches, batches_per_transfer
-from vesuvius_lab.core.data.sampling import (SKELETON_TARGETS, PatchSource, PatchStream, damaged_label,
-                                             split_targets)
+from vesuvius_lab.core.data.sampling import CachedVolumeSource, PatchStream, damaged_label, split_targets
 from vesuvius_lab.core.data.split import TrainingSplit, check_volumes, make_split
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.engine import predict_volume
@@ -336,15 +335,10 @@ class Trainer:
         """An endless iterator of training batches. Its workers live as long as it does, so they start
         once per run rather than once per epoch; its random stream is seeded by the start epoch, so a
         resumed run draws a reproducible stream too."""
-        rng = np.random.default_rng(self.spec.train.seed)
         skeleton = self.objective.wants("skeleton")  # targets cropped from a per-volume cache, when a loss asks
-        cache = self.setup.cache_dir
-        sources = []
-        for i in track(self.setup.split.train_ids, "opening training volumes", self.rank == 0):
-            label_path = self.setup.split.label(i)
-            sources.append(PatchSource.from_arrays(
-                open_volume(self.setup.split.image(i), cache), open_volume(label_path, cache), rng,
-                skeleton=open_volume(label_path, cache, SKELETON_TARGETS) if skeleton else None))
+        # Each volume is opened (decoded, checked) when first sampled: start-up costs the index only.
+        sources = [CachedVolumeSource(self.setup.split.image(i), self.setup.split.label(i), self.setup.cache_dir,
+                                      skeleton=skeleton) for i in self.setup.split.train_ids]
         train = self.spec.train
         stitching = self.spec.data.task == "hole_stitching"
         self.stream = PatchStream(sources, self.spec.data.window, foreground_share=self.spec.data.foreground_oversample,
