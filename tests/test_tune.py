@@ -152,6 +152,32 @@ def test_a_tuned_run_predicts_and_reports(tuned, trained, synth_data, tmp_path):
     assert "tuning.png" in (tmp_path / "report" / "index.html").read_text()
 
 
+def test_a_tuned_run_exported_with_its_sources_predicts_where_they_were_never(tuned, trained, synth_data, tmp_path):
+    """The tuning record names its source runs by absolute path; in a bundle (or any copied runs folder) they are
+    found beside the tuning run instead."""
+    import shutil
+
+    copied = tmp_path / "copied"  # a runs folder that came from another machine: its recorded paths are not here
+    shutil.copytree(trained / "runs", copied)
+    moved = Run(copied / "tiny-tuned" / tuned.id)
+    record = moved.read("tuning.json")
+    record["sources"] = [f"/elsewhere/runs/{Path(source).parent.name}/{Path(source).name}" for source in record["sources"]]
+    moved.write("tuning.json", record)
+    bundle = tmp_path / "bundle"
+    made = run_cli(["--runs", str(copied), "export", f"tiny-tuned/{tuned.id}", "--output", str(bundle), "--no-wheels"])
+    assert made.returncode == 0, made.stderr
+    shutil.rmtree(copied)
+    assert sorted(p.name for p in (bundle / "runs").iterdir()) == ["tiny", "tiny-tuned"]
+    assert len(list((bundle / "runs" / "tiny").iterdir())) == len(record["sources"])
+    result = run_cli(["--runs", str(bundle / "runs"), "submit", f"tiny-tuned/{tuned.id}", "--input",
+                      str(synth_data / "test_images"), "--output", str(tmp_path / "s.zip")])
+    assert result.returncode == 0, result.stderr
+    here = run_cli(["--project", str(trained / "vesuvius.toml"), "submit", str(tuned.path), "--input",
+                    str(synth_data / "test_images"), "--output", str(tmp_path / "here.zip")])
+    assert here.returncode == 0, here.stderr
+    assert (tmp_path / "s.zip").stat().st_size == (tmp_path / "here.zip").stat().st_size
+
+
 def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):
     project = trained / "vesuvius.toml"
     file = trained / "resume.toml"

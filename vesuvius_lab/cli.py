@@ -295,20 +295,54 @@ def tune(obj: ProjectContext, target, trials, workers, storage, overrides, force
 @click.option("--set", "overrides", multiple=True, help="Override [inference] keys, e.g. --set tta=['flip0'].")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="The checkpoint of a run trained by the core loop: best (validation) or last (final epoch).")
+@click.option("--expect", "expected", type=click.IntRange(min=1),
+              help="Volumes the real test set holds: also say how long they would take at this pace.")
 @click.pass_obj
-def submit(obj: ProjectContext, run_dir, source, output, overrides, checkpoint):
+def submit(obj: ProjectContext, run_dir, source, output, overrides, checkpoint, expected):
     """Write the competition's submission.zip (<id>.tif, uint8, each input's shape) with a run (a run
     folder, an experiment name for its newest finished run, or `best` for the leaderboard's first row)."""
+    import time
+
     from vesuvius_lab.core import interrupts
     from vesuvius_lab.core.inference.predict import input_volumes, write_submission
 
     with interrupts.stop_signals():  # from the start: a stop while the run loads is taken before the first volume
         volumes = input_volumes(Path(source))
         predictor = _checked_predictor(obj, run_dir, volumes, overrides, checkpoint)
+        started = time.monotonic()
         with _volume_progress(len(volumes), "submission") as advance:
             for volume_id in write_submission(predictor, volumes, Path(output)):
                 advance(volume_id)
-    out.print(f"wrote {output} ({len(volumes)} volumes)")
+    pace = (time.monotonic() - started) / len(volumes)
+    out.print(f"wrote {output} ({len(volumes)} volumes, {pace:.2f} s per volume"
+              + (f"; {expected} volumes would take {_duration(pace * expected)} at this pace)" if expected else ")"))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True)
+@click.option("--output", "-o", required=True, type=click.Path(), help="The bundle folder to write (new or empty).")
+@click.option("--have", type=click.Path(dir_okay=False),
+              help="The target's packages (`pip freeze` there): only what it lacks is bundled. Default: the Kaggle "
+                   "GPU image's usual packages, by name (docs/offline.md).")
+@click.option("--no-wheels", is_flag=True, help="The runs and predict.py only (the target can install vesuvius-lab).")
+@click.pass_obj
+def export(obj: ProjectContext, run_dirs, output, have, no_wheels):
+    """Write an offline bundle: the runs (and the runs they predict through), wheels of vesuvius-lab and of the
+    dependencies the target lacks, and a predict.py/notebook that installs them with no internet and writes
+    submission.zip. The first run is the one predict.py predicts with."""
+    from vesuvius_lab.core.launch.bundle import export_bundle, read_have
+    from vesuvius_lab.core.runs.folder import Run
+
+    runs = [Run(_run_path(obj, text)) for text in run_dirs]
+    record = export_bundle(runs, Path(output), read_have(Path(have) if have else None), wheels=not no_wheels,
+                           log=lambda line: err.print(_escape(line), highlight=False))
+    out.print(f"wrote the bundle {_escape(output)}: {len(record['runs'])} run(s), {len(record['wheels'])} wheel(s); "
+              f"upload it as a dataset and run its predict.py (or predict.ipynb) in the notebook")
 
 
 def _block_sides(text: str | None) -> tuple[int, int, int] | None:
@@ -655,8 +689,10 @@ def data():
 @click.option("--zarr", "zarr_out", type=click.Path(file_okay=False),
               help="Instead of a dataset, write one whole synthetic scroll of --shape to this OME-Zarr (with its "
                    "label under labels/surface), block by block.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Processes writing volumes at once (default: one per available core; the files are the same).")
 @click.pass_obj
-def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, zarr_out):
+def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, zarr_out, workers):
     """Write a synthetic scroll dataset in the competition layout (images, labels, csv files), or with --zarr
     one whole scroll as an OME-Zarr volume."""
     if zarr_out:
@@ -673,7 +709,7 @@ def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, za
     from vesuvius_lab.core.data.synthetic import write_dataset
 
     target = Path(out_dir) if out_dir else obj.project().data_root
-    write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test)
+    write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test, workers=workers)
     out.print(f"wrote {n} training and {n_test} test volume(s) of {'x'.join(map(str, shape))} over "
               f"{scrolls} scroll(s) to {_escape(str(target))}")
 

@@ -40,7 +40,7 @@ from vesuvius_lab.core.config.spec import Experiment
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.blocks import Box, Reader, predict_block
 from vesuvius_lab.core.inference.engine import predict_volume
-from vesuvius_lab.core.inference.ensemble import EnsemblePredictor, combine, read_members
+from vesuvius_lab.core.inference.ensemble import MEMBERS_FILE, EnsemblePredictor, combine, read_members
 from vesuvius_lab.core.inference.postprocess import Chain, build_chain
 from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run, open_run, read_spec
 
@@ -170,10 +170,36 @@ def _open_self_training(opening: Opening, model: SelfTrainingModel) -> Probabili
     return Opened(model.predict_probabilities, blocks)
 
 
+def tuning_sources(run: Run) -> list[Path]:
+    """The runs a tuning run was tuned on. A recorded path that is gone (the runs folder was moved or copied,
+    e.g. into an offline bundle) is looked up as ``<experiment>/<run id>`` beside the tuning run."""
+    found = []
+    for recorded in run.read(TUNING_RECORD, {}).get("sources", []):
+        path = Path(recorded)
+        beside = run.path.parent.parent / path.parent.name / path.name
+        found.append(path if (path / "spec.json").is_file() or not (beside / "spec.json").is_file() else beside)
+    return found
+
+
+def referenced_runs(run: Run) -> list[Path]:
+    """The runs ``run`` predicts through, directly: a tuning run's sources, an ensemble's member runs and the
+    runs its post-processing steps name (a param called ``run``, e.g. the hole stitcher's)."""
+    from vesuvius_lab.core.runs.records import resolve_run
+
+    paths = tuning_sources(run) if (run.path / TUNING_RECORD).is_file() else []
+    if (run.path / MEMBERS_FILE).is_file():
+        members, _ = read_members(run)
+        paths += [member_run.run.path for member in members for member_run in member.runs]
+    for step in read_spec(run).postprocess:
+        named = step.params.get("run") if isinstance(step.params, dict) else None
+        if isinstance(named, str):
+            paths.append(resolve_run(named, run.path.parent.parent).path)
+    return list(dict.fromkeys(Path(path).resolve() for path in paths))
+
+
 def _open_tuned(opening: Opening, _model: None) -> Probabilities:
-    sources = [load_run(Path(path), device=opening.device, overrides=opening.overrides or None,
-                        checkpoint_name=opening.checkpoint_name)
-               for path in opening.run.read(TUNING_RECORD, {}).get("sources", [])]
+    sources = [load_run(path, device=opening.device, overrides=opening.overrides or None,
+                        checkpoint_name=opening.checkpoint_name) for path in tuning_sources(opening.run)]
     if not sources:
         raise UserError(f"{opening.run.path}: a tuning run without its source runs in {TUNING_RECORD}; tune again.")
 
@@ -250,8 +276,8 @@ def check_openable(run: Run, checkpoint_name: str = "best") -> None:
     run = open_run(run.path)
     spec = read_spec(run)
     if (run.path / TUNING_RECORD).is_file():
-        for path in run.read(TUNING_RECORD, {}).get("sources", []):
-            check_openable(Run(Path(path)), checkpoint_name)
+        for path in tuning_sources(run):
+            check_openable(Run(path), checkpoint_name)
     elif spec.ensemble is not None:
         members, _ = read_members(run)
         for member in members:

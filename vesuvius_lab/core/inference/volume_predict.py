@@ -39,7 +39,7 @@ from vesuvius_lab.core.inference.block_records import BlockRecords
 from vesuvius_lab.core.inference.blocks import Block, BlockPlan, Box, Reader, parse_bbox
 from vesuvius_lab.core.inference.global_pass import (PASS_CHUNK, apply_local, chunked_steps, local_halo, output_dtype,
                                                      remove_stage, run_global_pass, split_chain, stage_of)
-from vesuvius_lab.core.inference.run_kinds import RunPredictor
+from vesuvius_lab.core.inference.run_kinds import RunPredictor, referenced_runs
 from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run
 
 DEFAULT_CHUNK = 128
@@ -190,20 +190,9 @@ def run_digest(run: Run, checkpoint: str, seen: set | None = None) -> str:
             if path.is_file() and path.suffix in (".pt", ".pth", ".json"):
                 with open(path, "rb") as handle:
                     digest.update(str(path.relative_to(run.path)).encode() + hashlib.file_digest(handle, "sha256").digest())
-    for member in _combined_runs(run):
+    for member in referenced_runs(run):
         digest.update(run_digest(Run(member), checkpoint, seen).encode())
     return digest.hexdigest()
-
-
-def _combined_runs(run: Run) -> list[Path]:
-    paths = []
-    tuning = run.read(TUNING_RECORD, {}) if (run.path / TUNING_RECORD).is_file() else {}
-    paths += [Path(p) for p in tuning.get("sources", []) if isinstance(p, str)]
-    members = run.read("members.json", {}) if (run.path / "members.json").is_file() else {}
-    for member in members.get("members", []) if isinstance(members, dict) else []:
-        for path in (member.get("runs") or []) if isinstance(member, dict) else []:
-            paths.append(Path(path) if Path(path).is_absolute() else run.path.parent.parent / path)
-    return [p for p in paths if (p / "spec.json").is_file()]
 
 
 def fingerprint_parts(predictor: RunPredictor, request: VolumeRequest, source, block) -> dict:
