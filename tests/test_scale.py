@@ -46,25 +46,34 @@ def _age(entry, seconds: float = 60) -> None:
     os.utime(entry, (past, past))
 
 
-def test_a_hashed_entry_is_stamped_and_trusted_until_it_changes(tmp_path, counted_hashes, monkeypatch):
+def test_the_writer_stamps_an_entry_and_readers_trust_it_until_it_changes(tmp_path, counted_hashes, monkeypatch):
+    entry, data = tmp_path / "v.npy", np.arange(4096, dtype=np.uint8).reshape(16, 16, 16)
+    array_cache.write_array(entry, data)
+    counted_hashes.clear()  # the writer's own hash
+    assert json.loads(checksum_path(entry).read_text())["verified"][1] == entry.stat().st_size
+    assert read_array(entry) is not None and not counted_hashes  # another process trusts the stamp
+    assert entry_problem(entry, full=True) is None and len(counted_hashes) == 1  # vlab data check hashes anyway
+
+    np.save(entry, 255 - data)  # same size, in place, at once: within the timestamp tick of the stamp
+    monkeypatch.setattr(array_cache, "_verified", {})
+    assert read_array(entry) is None and not entry.exists()  # its mtime moved: hashed, refused, deleted
+
+
+def test_a_reader_stamps_an_entry_it_hashed_unless_it_was_just_modified(tmp_path, counted_hashes, monkeypatch):
     entry = tmp_path / "v.npy"
     array_cache.write_array(entry, np.arange(4096, dtype=np.uint8).reshape(16, 16, 16))
-    counted_hashes.clear()  # the writer's own hash
-    assert entry_problem(entry) is None and len(counted_hashes) == 1
-    assert "verified" not in json.loads(checksum_path(entry).read_text())  # written just now: racy, no stamp
-
+    record = json.loads(checksum_path(entry).read_text())
+    del record["verified"]  # an entry of an older cache, or whose writer could not stamp it
+    checksum_path(entry).write_text(json.dumps(record))
+    os.utime(entry)  # and modified just now: racy, so the reader that hashes it does not stamp it
+    counted_hashes.clear()
+    assert read_array(entry) is not None and len(counted_hashes) == 1
+    assert "verified" not in json.loads(checksum_path(entry).read_text())
     _age(entry)
-    monkeypatch.setattr(array_cache, "_verified", {})  # another process
-    assert read_array(entry) is not None and len(counted_hashes) == 2
-    assert json.loads(checksum_path(entry).read_text())["verified"][1] == entry.stat().st_size
-
-    monkeypatch.setattr(array_cache, "_verified", {})  # a third: the stamp holds, nothing is read
-    assert read_array(entry) is not None and len(counted_hashes) == 2
-    assert entry_problem(entry, full=True) is None and len(counted_hashes) == 3  # vlab data check hashes anyway
-
-    np.save(entry, 255 - np.arange(4096, dtype=np.uint8).reshape(16, 16, 16))  # same size, in place
     monkeypatch.setattr(array_cache, "_verified", {})
-    assert read_array(entry) is None and not entry.exists()  # the stamp no longer matches: hashed, refused
+    assert read_array(entry) is not None and len(counted_hashes) == 2  # hashed, and now stamped
+    monkeypatch.setattr(array_cache, "_verified", {})
+    assert read_array(entry) is not None and len(counted_hashes) == 2
 
 
 def test_a_stream_of_many_volumes_opens_only_those_it_samples(synth_data, tmp_path):
@@ -86,20 +95,15 @@ def test_start_up_reads_no_voxel_of_a_volume_the_cache_holds(synth_data, tmp_pat
     split = TrainingSplit(dataset, dataset.ids[:4], dataset.ids[4:], [dataset.ids[4:]], None)
     cache = tmp_path / "cache"
     check_volumes(split, (8, 16, 16), cache)  # the first run decodes every volume and counts its labels
-    for entry in cache.glob("*.npy"):
-        _age(entry)
-    monkeypatch.setattr(array_cache, "_verified", {})
-    counted_hashes.clear()
-    check_volumes(split, (8, 16, 16), cache)  # the next hashes each entry once and stamps it
-    assert len(counted_hashes) == len(list(cache.glob("*.npy"))) == 3 * len(dataset.ids)
+    assert len(list(cache.glob("*.npy"))) == 3 * len(dataset.ids)  # image, label, label counts
 
     def read_a_voxel(*_):
         raise AssertionError("a cached volume was read")
 
-    monkeypatch.setattr(array_cache, "_verified", {})
+    monkeypatch.setattr(array_cache, "_verified", {})  # the next run, in a process of its own
     monkeypatch.setattr(array_cache, "data_digest", read_a_voxel)
     monkeypatch.setattr(np, "bincount", read_a_voxel)  # the label counts come from their cache entries
-    check_volumes(split, (8, 16, 16), cache)  # every later run: stats and small reads only
+    check_volumes(split, (8, 16, 16), cache)  # stats and small reads only
 
 
 def test_label_values_outside_0_1_2_are_still_refused_before_a_run(tmp_path):

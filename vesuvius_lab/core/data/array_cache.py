@@ -9,18 +9,20 @@ for a 320^3 volume), and, where the caller gives one, a check of the values (e.g
 finite and in [0, 1]). An entry that fails any check (overwritten, truncated, another array of the
 same size, a missing checksum) is deleted and reported as absent, so the caller rebuilds it.
 
-"Once" is per entry, not per process: a matching hash is stamped into the ``.sum`` with the entry's
-inode, size, mtime and ctime, and a later reader whose ``stat`` gives the same four trusts the data
-without reading it. Any write to the entry changes its mtime and ctime, a replacement its inode, so
-a damaged entry is hashed again. As in git's index, an entry modified within :data:`RACY_S` of the
-check is not stamped (a write in the same timestamp tick could not be told apart); the next
-reader checks it. ``vlab data check`` always hashes (``full=True``).
+"Once" is per entry, not per process: the writer, or the first reader that hashes it, stamps the
+``.sum`` with the entry's inode, size, mtime and ctime, and a later reader whose ``stat`` gives the
+same four trusts the data without reading it. Any write to the entry changes its mtime and ctime, a
+replacement its inode, so a damaged entry is hashed again. As in git's index, an entry modified
+within :data:`RACY_S` of a reader's check is not stamped (a write in the same timestamp tick could
+not be told apart), and the writer moves the entry's mtime that far into the past before stamping.
+``vlab data check`` always hashes (``full=True``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,14 +56,25 @@ def data_digest(array: np.ndarray) -> str:
 
 def write_array(entry: Path, array: np.ndarray) -> None:
     """Write ``entry`` (.npy) and its checksum, each atomically; the checksum lands first, so a reader
-    that sees the entry sees its checksum too (processes that write one entry at once write the same)."""
+    that sees the entry sees its checksum too (processes that write one entry at once write the same).
+
+    The writer hashed the data it wrote, so it stamps the entry at once. To keep a write within the same
+    timestamp tick from passing for the stamped entry, the entry's mtime is first set :data:`RACY_S` into the
+    past: any later write sets it to the present, which no longer matches the stamp."""
     array = np.ascontiguousarray(array)
     entry.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(entry) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, array)
-        write_json_atomic(checksum_path(entry), {"shape": list(array.shape), "dtype": array.dtype.str,
-                                                 "bytes": tmp.stat().st_size, "blake2b": data_digest(array)})
+        record = {"shape": list(array.shape), "dtype": array.dtype.str, "bytes": tmp.stat().st_size,
+                  "blake2b": data_digest(array)}
+        write_json_atomic(checksum_path(entry), record)
+    past = time.time_ns() - int(RACY_S * 1e9)
+    try:
+        os.utime(entry, ns=(past, past))
+        _stamp(entry, record, entry.stat())
+    except OSError:  # replaced meanwhile by another writer of the same entry: its own stamp, or a hash later
+        pass
 
 
 def read_array(entry: Path, check: ValueCheck | None = None) -> np.ndarray | None:
@@ -109,8 +122,9 @@ def _identity(stat) -> list[int]:
 
 
 def _stamp(entry: Path, expected: dict, stat) -> None:
-    """Record in the entry's checksum that its data matched, for this inode, size, mtime and ctime."""
-    if expected.get("verified") == _identity(stat) or time.time_ns() - stat.st_mtime_ns < RACY_S * 1e9:
+    """Record in the entry's checksum that its data matched, for this inode, size, mtime and ctime; not for an
+    entry modified within RACY_S (a write in the same tick would keep all four)."""
+    if expected.get("verified") == _identity(stat) or time.time_ns() - stat.st_mtime_ns < RACY_S * 1e9 - 1e6:
         return
     try:
         write_json_atomic(checksum_path(entry), {**expected, "verified": _identity(stat)})

@@ -10,6 +10,7 @@ The augmentation (:mod:`vesuvius_lab.core.data.augment`) is seeded from that str
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -69,6 +70,9 @@ class PatchSource:
     def without_skeleton(self) -> "PatchSource":
         return replace(self, skeleton=None)
 
+    def release(self) -> None:
+        """Nothing to give back: the arrays are the caller's."""
+
 
 class CachedVolumeSource:
     """A training volume of the decoded-volume cache (:func:`~vesuvius_lab.core.data.dataset.open_volume`),
@@ -99,6 +103,15 @@ class CachedVolumeSource:
 
     def without_skeleton(self) -> "CachedVolumeSource":
         return CachedVolumeSource(self.image_path, self.label_path, self.cache_dir)
+
+    def release(self) -> None:
+        """Unmap the pages a patch touched (the page cache keeps them; the next patch maps them again). Without
+        this, every page ever read stays in the process's resident memory: with hundreds of volumes, that
+        grows with the volumes sampled, not with the patch."""
+        for name in ("image", "label", "skeleton"):
+            handle = getattr(self.__dict__.get(name), "_mmap", None)
+            if handle is not None:
+                handle.madvise(mmap.MADV_DONTNEED)
 
     def __getstate__(self) -> dict:
         return {key: self.__dict__[key] for key in ("image_path", "label_path", "cache_dir", "has_skeleton")}
@@ -179,7 +192,9 @@ class PatchStream(IterableDataset):
             image, label, *skeleton = crop(source, self.window, rng, rng.random() < self.foreground_share)
             if self.corruption is not None:
                 image = damaged_label(np.asarray(label), rng, self.corruption)
-            yield self.augment(image, label, *skeleton)
+            sample = self.augment(image, label, *skeleton)  # copies the patch out of the memory maps
+            source.release()
+            yield sample
 
 
 def split_targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
