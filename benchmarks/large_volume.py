@@ -126,9 +126,9 @@ def same_levels(first: Path, second: Path) -> bool:
     return all(np.array_equal(a[str(k)][:], b[str(k)][:]) for k in range(6))
 
 
-def global_pass(run: Path, probabilities: Path, folder: Path, workers: int) -> dict:
-    """The run's global chain steps over the probabilities the blocks wrote (as the stage would hold them):
-    seconds, and each dask worker's peak MiB."""
+def global_pass(run: Path, probabilities: Path, folder: Path, workers: int, top: float = 255) -> dict:
+    """The run's global chain steps over the probabilities the blocks wrote (as the stage would hold them; level 0
+    of ``probabilities`` divided by ``top``): seconds, and each dask worker's peak MiB."""
     import dask.array as da
     import numpy as np
 
@@ -142,14 +142,14 @@ def global_pass(run: Path, probabilities: Path, folder: Path, workers: int) -> d
     if not rest:
         return {}
     source = da.from_zarr(str(probabilities / "0"))
-    target = folder / f"pass-{probabilities.stem}.zarr"
+    target = folder / f"pass-{probabilities.parent.name}-{probabilities.name}.zarr"
     shutil.rmtree(target, ignore_errors=True)  # a --workdir used before
     output = OmeZarrOutput.create(target, shape=source.shape, chunks=(128,) * 3)
     create_stage(output.path, source.shape, (128,) * 3, np.float32)
     import zarr
 
     stage = zarr.open_array(str(stage_path(output.path)), mode="r+")
-    (source.astype(np.float32) / np.float32(255)).store(stage, lock=False)  # local steps: none in the quick chains
+    (source.astype(np.float32) / np.float32(top)).store(stage, lock=False)  # local steps: none in the quick chains
     started = time.perf_counter()
     peaks = run_global_pass(output.path, output.level0, output.write_unit, Box.of_shape(source.shape), rest,
                             chain.threshold, workers=workers)
@@ -179,6 +179,9 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=320, help="side of the in-memory peer's cube")
     parser.add_argument("--workdir", help="where the volumes go (default: a temporary folder, removed after)")
     parser.add_argument("--no-jobs", action="store_true", help="skip the --jobs 1 / --jobs 2 comparison")
+    parser.add_argument("--only-pass-on-label", action="store_true", help="only the global pass, over the scroll's "
+                        "own label (labels/surface) taken as probabilities: no prediction needed (a scroll already in "
+                        "--workdir is used as it is)")
     parser.add_argument("--only-jobs", action="store_true", help="only the --jobs 1 / --jobs 2 comparison (a scroll "
                         "already in --workdir is used as it is)")
     parser.add_argument("--jobs-block", default="128,512,512", help="the block of the --jobs comparison")
@@ -197,6 +200,12 @@ def main() -> None:
         for size in args.sizes:
             shape = SHAPES[size]
             scroll, out = folder / f"scroll-{size}.zarr", folder / f"surface-{size}.zarr"
+            if args.only_pass_on_label:
+                if not any((scroll / marker).is_file() for marker in ("zarr.json", ".zattrs")):
+                    measured(vlab("data", "synth", "--zarr", str(scroll), "--shape", *map(str, shape)))
+                passed = global_pass(run, scroll / "labels" / "surface", folder, args.pass_workers, top=1)
+                pass_rows.append((size, passed))
+                continue
             if args.only_jobs:
                 if not any((scroll / marker).is_file() for marker in ("zarr.json", ".zattrs")):
                     measured(vlab("data", "synth", "--zarr", str(scroll), "--shape", *map(str, shape)))
@@ -251,7 +260,7 @@ def main() -> None:
         print(f"\nglobal pass, {size} G voxels: {', '.join(passed['steps'])} in {passed['seconds']:.0f} s on "
               f"{len(passed['worker_mib'])} dask worker(s), peak {', '.join(f'{m:.0f}' for m in passed['worker_mib'])} "
               "MiB per worker")
-    if args.only_jobs:
+    if args.only_jobs or args.only_pass_on_label:
         _summary.write(args.summary, summary)
         return
     ratio = peer["in_memory_s"] / peer["blocks_s"]
