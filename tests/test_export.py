@@ -118,6 +118,9 @@ def test_export_refuses_a_folder_that_holds_something(tiny_run, tmp_path):
     result = run_cli(["export", str(tiny_run), "--output", str(tmp_path / "full"), "--no-wheels"])
     assert result.returncode == 2 and "not an empty folder" in result.stderr
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert run_cli(["export", str(tiny_run), "--output", str(tmp_path / "runs-only"), "--no-wheels"]).returncode == 0
+    record = json.loads((tmp_path / "runs-only" / "bundle.json").read_text())
+    assert record["wheels"] == [] and record["bundled"] == {} and len(record["runs"]) == 1
 
 
 def test_submit_says_its_pace_and_what_the_test_set_would_take(tiny_run, synth_data, tmp_path):

@@ -246,7 +246,7 @@ def export_bundle(runs: list[Run], output: Path, have: dict[str, str | None], *,
     (staging / "predict.ipynb").write_text(_notebook())
     record = {"runs": copied, "predict_with": copied[0], "python": sys.version.split()[0],
               "wheels": sorted(p.name for p in (staging / "wheels").glob("*.whl")),
-              "bundled": needed.wheels, "not_bundled": needed.present}
+              "bundled": needed.wheels if wheels else {}, "not_bundled": needed.present if wheels else {}}
     (staging / "bundle.json").write_text(json.dumps(record, indent=1) + "\n")
     if output.exists():
         output.rmdir()
