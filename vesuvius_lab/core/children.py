@@ -62,6 +62,14 @@ class Parent:
     main_thread: bool | None = None
 
 
+def usable_cpus() -> tuple[int, ...]:
+    """The cores this process (and so its children) may run on: its affinity, which SLURM, containers and
+    ``vlab run --jobs`` narrow."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
 def this_process() -> Parent:
     """This process and thread, as the parent of a child it creates now."""
     return Parent(os.getpid(), threading.current_thread() is threading.main_thread())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from vesuvius_lab.core import children
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.data.tiff import write_volume
 from vesuvius_lab.core.errors import UserError
@@ -326,16 +326,16 @@ def write_dataset(out: Path, n: int = DEFAULT_N, shape: Shape3 = DEFAULT_SHAPE, 
         rows[split].append(f"{volume_id},{scroll_ids[index % scrolls]}")
     tasks = [(out, split, index, volume_id, tuple(shape), seed, styles[index % scrolls])
              for split, index, volume_id in jobs]
-    workers = min(len(tasks), workers or available_cores())
+    workers = min(len(tasks), workers or len(children.usable_cpus()))
     if workers <= 1 or len(tasks) * math.prod(shape) < POOL_VOXELS:
         for task in _track(tasks, "synthesising volumes", progress):
             _write_volume(task)
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
-        # forkserver: no child forked from a process whose threads (torch's, a test runner's) hold locks
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        # spawn, not fork: the caller may run threads (torch's, a progress bar) that fork would copy mid-lock;
+        # the workers end with this process (children.process_pool)
+        with children.process_pool(workers, multiprocessing.get_context("spawn")) as pool:
             for _ in _track(pool.map(_write_volume, tasks), "synthesising volumes", progress, total=len(tasks)):
                 pass
     for split in ("train", "test"):
@@ -348,10 +348,6 @@ def write_dataset(out: Path, n: int = DEFAULT_N, shape: Shape3 = DEFAULT_SHAPE, 
 
 #: Below this many voxels in all, volumes are written in this process (a pool would cost more than it saves).
 POOL_VOXELS = 1 << 24
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _write_volume(task: tuple) -> None:

@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from vesuvius_lab.core import registry
+from vesuvius_lab.core import children, registry
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.blocks import Box
 from vesuvius_lab.core.inference.chunked import persist, scratch_space
@@ -261,7 +261,7 @@ def _client(address: str | None, workers: int | None) -> Iterator[object]:
         with client:
             yield client
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(children.usable_cpus())
     with LocalCluster(n_workers=max(1, workers or cores), threads_per_worker=1, processes=True, dashboard_address=None,
                       memory_limit="auto") as cluster, Client(cluster) as client:
         yield client

@@ -14,6 +14,7 @@ import importlib
 import os
 from dataclasses import dataclass
 
+from vesuvius_lab.core.children import usable_cpus
 from vesuvius_lab.core.training.cpu_share import describe_cores, move_process
 
 #: The worker pins itself to these cores (comma-separated ids) before anything else runs.
@@ -84,13 +85,6 @@ class Pool:
 
     def free_cpus(self) -> tuple[int, ...]:
         return tuple(sorted({cpu for index in self._free for cpu in self.slots[index].cpus}))
-
-
-def usable_cpus() -> tuple[int, ...]:
-    """The cores this process may run on (its affinity, which SLURM and containers narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
 
 
 def visible_gpus() -> tuple[str, ...]:

@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from vesuvius_lab.core.children import usable_cpus
+
 #: The file that holds a job's cores (comma-separated ids), written by the launcher.
 FILE_VARIABLE = "VLAB_CPUS_FILE"
 #: Seconds between two looks at the file.
@@ -35,13 +37,6 @@ def read_cores(path: Path) -> tuple[int, ...]:
     except OSError:
         return ()
     return tuple(sorted({int(part) for part in text.split(",") if part.strip().isdigit()}))
-
-
-def current_cores() -> tuple[int, ...]:
-    """The cores this process runs on now."""
-    if hasattr(os, "sched_getaffinity"):
-        return tuple(sorted(os.sched_getaffinity(0)))
-    return tuple(range(os.cpu_count() or 1))
 
 
 def describe_cores(cpus: tuple[int, ...]) -> str:
@@ -92,7 +87,7 @@ class CoreFollower:
     def __init__(self, processes: int = 1):
         self.path = os.environ.get(FILE_VARIABLE) or None
         self.processes = max(1, processes)
-        self.applied = current_cores()
+        self.applied = usable_cpus()
         self.checked = time.monotonic()
 
     def follow(self) -> bool:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vesuvius_lab.core import interrupts
+from vesuvius_lab.core import children, interrupts
 from vesuvius_lab.core.runs import checkpoint
-from vesuvius_lab.core.training.cpu_share import CoreFollower, current_cores, describe_cores
+from vesuvius_lab.core.training.cpu_share import CoreFollower, describe_cores
 from vesuvius_lab.core.contract.backend import SelfTrainingModel, TrainJob
 from vesuvius_lab.core.config.experiment import LoadedExperiment
 from vesuvius_lab.core.config.project import Project
@@ -208,7 +208,7 @@ def _rank_main(rank: int, world_size: int, port: int | None, setup: Setup) -> No
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     distributed.init(rank, world_size, device, port)
-    torch.set_num_threads(max(1, len(current_cores()) // world_size))  # --jobs pins a CPU job to its cores
+    torch.set_num_threads(max(1, len(children.usable_cpus()) // world_size))  # --jobs pins a CPU job to its cores
     try:
         with interrupts.stop_signals():
             Trainer(setup, rank, world_size, device).fit()
