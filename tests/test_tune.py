@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import closing
 from pathlib import Path
 
@@ -175,7 +176,9 @@ def test_a_tuned_run_exported_with_its_sources_predicts_where_they_were_never(tu
     here = run_cli(["--project", str(trained / "vesuvius.toml"), "submit", str(tuned.path), "--input",
                     str(synth_data / "test_images"), "--output", str(tmp_path / "here.zip")])
     assert here.returncode == 0, here.stderr
-    assert (tmp_path / "s.zip").stat().st_size == (tmp_path / "here.zip").stat().st_size
+    with zipfile.ZipFile(tmp_path / "s.zip") as exported, zipfile.ZipFile(tmp_path / "here.zip") as original:
+        assert exported.namelist() == original.namelist()
+        assert all(exported.read(name) == original.read(name) for name in original.namelist())
 
 
 def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):

@@ -305,6 +305,7 @@ def submit(obj: ProjectContext, run_dir, source, output, overrides, checkpoint, 
 
     from vesuvius_lab.core import interrupts
     from vesuvius_lab.core.inference.predict import input_volumes, write_submission
+    from vesuvius_lab.core.reports.leaderboard_view import format_duration
 
     with interrupts.stop_signals():  # from the start: a stop while the run loads is taken before the first volume
         volumes = input_volumes(Path(source))
@@ -315,12 +316,8 @@ def submit(obj: ProjectContext, run_dir, source, output, overrides, checkpoint, 
                 advance(volume_id)
     pace = (time.monotonic() - started) / len(volumes)
     out.print(f"wrote {output} ({len(volumes)} volumes, {pace:.2f} s per volume"
-              + (f"; {expected} volumes would take {_duration(pace * expected)} at this pace)" if expected else ")"))
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+              + (f"; {expected} volumes would take {format_duration(pace * expected)} at this pace)" if expected
+                 else ")"))
 
 
 @cli.command()

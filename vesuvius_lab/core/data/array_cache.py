@@ -124,7 +124,7 @@ def _identity(stat) -> list[int]:
 def _stamp(entry: Path, expected: dict, stat) -> None:
     """Record in the entry's checksum that its data matched, for this inode, size, mtime and ctime; not for an
     entry modified within RACY_S (a write in the same tick would keep all four)."""
-    if expected.get("verified") == _identity(stat) or time.time_ns() - stat.st_mtime_ns < RACY_S * 1e9 - 1e6:
+    if expected.get("verified") == _identity(stat) or time.time_ns() - stat.st_mtime_ns < RACY_S * 1e9:
         return
     try:
         write_json_atomic(checksum_path(entry), {**expected, "verified": _identity(stat)})

@@ -43,6 +43,7 @@ from vesuvius_lab.core.inference.engine import predict_volume
 from vesuvius_lab.core.inference.ensemble import MEMBERS_FILE, EnsemblePredictor, combine, read_members
 from vesuvius_lab.core.inference.postprocess import Chain, build_chain
 from vesuvius_lab.core.runs.folder import TUNING_RECORD, Run, open_run, read_spec
+from vesuvius_lab.core.runs.records import resolve_run
 
 #: uint8 CT volume (D, H, W) -> float32 surface probabilities (D, H, W)
 Probabilities = Callable[[np.ndarray], np.ndarray]
@@ -184,8 +185,6 @@ def tuning_sources(run: Run) -> list[Path]:
 def referenced_runs(run: Run) -> list[Path]:
     """The runs ``run`` predicts through, directly: a tuning run's sources, an ensemble's member runs and the
     runs its post-processing steps name (a param called ``run``, e.g. the hole stitcher's)."""
-    from vesuvius_lab.core.runs.records import resolve_run
-
     paths = tuning_sources(run) if (run.path / TUNING_RECORD).is_file() else []
     if (run.path / MEMBERS_FILE).is_file():
         members, _ = read_members(run)

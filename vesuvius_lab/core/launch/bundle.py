@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.inference.run_kinds import referenced_runs
 from vesuvius_lab.core.runs.folder import Run
@@ -42,15 +44,10 @@ KAGGLE_HAVE = ("torch", "torchvision", "numpy", "scipy", "scikit-image", "scikit
 LEFT_OUT = ("checkpoints/last.pt", "study.db", "backend/nnUNet_raw", "backend/nnUNet_preprocessed", "lock")
 
 
-def _name(text: str) -> str:
-    """A distribution name in its canonical form (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", text).lower()
-
-
 def read_have(path: Path | None) -> dict[str, str | None]:
     """name -> version (None: any) of what the target has: ``name==version`` lines (pip freeze), or names."""
     if path is None:
-        return {_name(name): None for name in KAGGLE_HAVE}
+        return {canonicalize_name(name): None for name in KAGGLE_HAVE}
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
@@ -66,7 +63,7 @@ def read_have(path: Path | None) -> dict[str, str | None]:
             raise UserError(f"--have {path}: cannot read the line {line!r}. Lines are `name==version` (as pip "
                             "freeze writes them) or a name.")
         version = match.group(2)
-        have[_name(match.group(1))] = version if version and re.match(r"^\d", version) else None
+        have[canonicalize_name(match.group(1))] = version if version and re.match(r"^\d", version) else None
     return have
 
 
@@ -96,14 +93,14 @@ def needed_distributions(have: dict[str, str | None]) -> Needed:
     seen: set[tuple[str, frozenset[str], bool]] = set()
     while queue:
         name, requirement, extras, below_present = queue.pop()
-        key = _name(name)
+        key = canonicalize_name(name)
         if (key, extras, below_present) in seen:
             continue
         seen.add((key, extras, below_present))
         present = False
         if key in PIP_HIDDEN:
             pass
-        elif below_present or (key in have and key != _name(DISTRIBUTION)):
+        elif below_present or (key in have and key != canonicalize_name(DISTRIBUTION)):
             version = have.get(key)
             try:
                 present = version is None or requirement is None or Version(version) in requirement.specifier
@@ -227,27 +224,32 @@ def export_bundle(runs: list[Run], output: Path, have: dict[str, str | None], *,
         raise UserError(f"--output {output}: it exists and is not an empty folder. Give a new folder (a bundle is "
                         "written whole, nothing in it is kept).")
     closure = run_closure(runs)
-    needed = needed_distributions(have)
-    staging = output.with_name(output.name + ".partial")
+    needed = needed_distributions(have) if wheels else Needed()
+    source = source_tree() if wheels else None
+    staging = output.with_name(output.name + ".partial")  # renamed to the output once whole
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "wheels").mkdir(parents=True)
-    copied = [str(_copy_run(run, staging / "runs").relative_to(staging / "runs")) for run in closure]
-    log(f"copied {len(copied)} run(s): {', '.join(copied)}")
-    if wheels:
-        log(f"building vesuvius-lab's wheel from {source_tree()}")
-        _pip(["wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(staging / "wheels"),
-              str(source_tree())], "building vesuvius-lab's wheel")
+    try:
+        (staging / "wheels").mkdir(parents=True)
+        copied = [str(_copy_run(run, staging / "runs").relative_to(staging / "runs")) for run in closure]
+        log(f"copied {len(copied)} run(s): {', '.join(copied)}")
+        if source is not None:
+            log(f"building vesuvius-lab's wheel from {source}")
+            _pip(["wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(staging / "wheels"),
+                  str(source)], "building vesuvius-lab's wheel")
         others = [f"{name}=={version}" for name, version in sorted(needed.wheels.items()) if name != DISTRIBUTION]
         if others:
             log(f"fetching {len(others)} wheel(s) the target lacks: {', '.join(others)}")
             _pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(staging / "wheels"), *others],
                  "fetching the dependencies' wheels")
-    (staging / "predict.py").write_text(PREDICT.replace("{run!r}", repr(copied[0])))
-    (staging / "predict.ipynb").write_text(_notebook())
-    record = {"runs": copied, "predict_with": copied[0], "python": sys.version.split()[0],
-              "wheels": sorted(p.name for p in (staging / "wheels").glob("*.whl")),
-              "bundled": needed.wheels if wheels else {}, "not_bundled": needed.present if wheels else {}}
-    (staging / "bundle.json").write_text(json.dumps(record, indent=1) + "\n")
+        (staging / "predict.py").write_text(PREDICT.replace("{run!r}", repr(copied[0])))
+        (staging / "predict.ipynb").write_text(_notebook())
+        record = {"runs": copied, "predict_with": copied[0], "python": sys.version.split()[0],
+                  "wheels": sorted(p.name for p in (staging / "wheels").glob("*.whl")),
+                  "bundled": needed.wheels, "not_bundled": needed.present}
+        (staging / "bundle.json").write_text(json.dumps(record, indent=1) + "\n")
+    except BaseException:  # nothing half-made is left beside the output
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if output.exists():
         output.rmdir()
     staging.rename(output)
