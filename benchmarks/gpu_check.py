@@ -14,8 +14,9 @@ then sliding-window inference of a volume with the model in bf16, this project's
 ``sliding_window_inference`` (same windows, overlap, Gaussian weights), their seconds and the largest
 difference between the two; and last the trainer itself (``vlab train``'s code on a small synthetic dataset,
 AMP "auto") with DDP over every visible GPU (nccl; one rank on one GPU). Each row says ok, failed (the error)
-or skipped (why), with steps per second, the speed against the fp32 or bf16 row, and the peak GPU memory of
-the check. A failed check does not stop the others; the exit status is 1 when one failed.
+or skipped (why), with steps per second, the speed against the fp32 or bf16 row, and the peak GPU memory the
+check added to what the process held before it. A failed check does not stop the others; the exit status is
+1 when one failed.
 
 Without CUDA (or with ``--device cpu``) the same checks run tiny on the CPU, in under a minute: smaller models
 and windows, ``torch.compile`` with the ``aot_eager`` backend (dynamo and AOT autograd trace the model as
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from models import PeakMemory, _sync
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 TRAINING_MODES = ("fp32", "bf16", "fp16+scaler", "channels-last", "compile")
@@ -124,31 +126,6 @@ def models(tiny: bool) -> list[Model]:
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-class Peak:
-    """Peak GPU memory of a check (GiB); nothing on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __enter__(self) -> "Peak":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.gib = None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_steps(model: Model, mode: str, device: torch.device, warmup: int, steps: int) -> Row:
@@ -283,9 +260,12 @@ def _guarded(row_of: Callable[[], Row], model: str, check: str, device: torch.de
     if time.monotonic() > deadline:
         return Row(model, check, "skipped", note="the time budget was spent")
     try:
-        with Peak(device) as peak:
-            row = row_of()
-        row.peak_gib = peak.gib
+        memory = PeakMemory(device) if device.type == "cuda" else None  # the CPU run checks paths, not memory
+        if memory:
+            memory.start()
+        row = row_of()
+        _sync(device)
+        row.peak_gib = memory.peak_mib() / 1024 if memory else None
         return row
     except Exception as exc:  # a failed check is a row; the others go on
         lines = traceback.format_exception_only(type(exc), exc)
@@ -377,6 +357,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     sys.exit(main())

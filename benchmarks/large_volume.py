@@ -27,31 +27,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _summary
+from _process import measured, vlab
 
 SHAPES = {"0.01": (128, 256, 256), "0.25": (256, 1024, 1024), "1": (1024, 1024, 1024)}  # 0.01: a quick try
-
-
-def measured(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident MiB of a child process (its own, from wait4)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(command)}\n"
-                         f"{process.stderr.read().decode(errors='replace')[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024
-
-
-def vlab(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", *args]
 
 
 def block_counts(output: Path) -> tuple[int, int]:

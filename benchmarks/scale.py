@@ -24,33 +24,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _summary
+from _process import measured, vlab
+
+from vesuvius_lab.core.children import usable_cpus
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Wall seconds, peak resident MiB (the process or any descendant it waited for) and stderr of a command."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        stderr.seek(0)
-        said = stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(command)}\n{said[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, said
-
-
-def vlab(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vesuvius_lab", "--device", "cpu", *args]
 
 
 def subset(full: Path, folder: Path, n: int) -> Path:
@@ -73,7 +55,7 @@ def subset(full: Path, folder: Path, n: int) -> Path:
 def train(data: Path, runs: Path, iterations: int) -> dict:
     """One `vlab train` of the quick 2.5D experiment on ``data``: start-up s, peak MiB, samples/s."""
     env = {**os.environ, "VLAB_DATA": str(data), "VLAB_RUNS": str(runs)}
-    seconds, mib, _ = measured(vlab("train", str(REPO / "experiments" / "quick" / "unet25d.toml"),
+    seconds, mib = measured(vlab("train", str(REPO / "experiments" / "quick" / "unet25d.toml"),
                                     "--set", 'data.fold="all"', "--set", "train.epochs=1",
                                     "--set", f"train.iterations_per_epoch={iterations}"), env)
     newest = max((runs / "quick-unet25d").iterdir(), key=lambda path: path.stat().st_mtime)
@@ -106,7 +88,7 @@ def main() -> None:
         marker = full / "train.csv"
         synth_s = None
         if not (marker.is_file() and len(marker.read_text().splitlines()) == largest + 1):
-            synth_s, _, _ = measured(vlab("data", "synth", "--out", str(full), "--n", str(largest), "--shape",
+            synth_s, _ = measured(vlab("data", "synth", "--out", str(full), "--n", str(largest), "--shape",
                                           str(side), str(side), str(side), "--test", "1"))
         for n in sorted(args.sizes):
             data = full if n == largest else subset(full, folder / f"data-{n}-{side}", n)
@@ -115,12 +97,12 @@ def main() -> None:
             cold = train(data, runs, args.iterations)
             warm = train(data, runs, args.iterations)
             rows.append((n, cold, warm))
-        check_s, check_mib, _ = measured(vlab("data", "check", str(full)))
+        check_s, check_mib = measured(vlab("data", "check", str(full)))
     finally:
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(usable_cpus())
     print(f"volumes of {side}^3, {cores} CPU core(s), {args.iterations} iterations of the quick 2.5D experiment")
     if synth_s is not None:
         print(f"vlab data synth: {largest + 1} volumes in {synth_s:.0f} s ({synth_s / (largest + 1):.2f} s per volume "
