@@ -173,6 +173,7 @@ def test_a_trial_a_forced_stop_cuts_short_is_run_again(synth_data, tmp_path, mon
     from vesuvius_lab.core.config.experiment import load_experiment
     from vesuvius_lab.core.tuning.cases import Case
     from vesuvius_lab.core.tuning.scoring import CaseScorer
+    from vesuvius_lab.core.tuning.objective import Objective
     from vesuvius_lab.core.tuning.study import Search, finished
 
     (tmp_path / "tiny.toml").write_text(tiny_experiment() + TUNE)
@@ -181,7 +182,8 @@ def test_a_trial_a_forced_stop_cuts_short_is_run_again(synth_data, tmp_path, mon
     np.save(probabilities, np.random.default_rng(0).random((32, 48, 48)).astype(np.float16))
     label = sorted((synth_data / "train_labels").glob("*.tif"))[0]
     cases = [Case("a", 0, str(probabilities), str(label))]
-    search = Search("forced", spec.tune, spec, ["a"], f"sqlite:///{tmp_path / 'study.db'}", 0)
+    search = Search("forced", spec.tune, spec, ["a"], f"sqlite:///{tmp_path / 'study.db'}", 0,
+                    Objective("mean", {"a": "fold 0"}))
     monkeypatch.setattr(interrupts, "REPEAT_WINDOW_S", 0.0)
     with CaseScorer(cases, ignore_label=2, workers=1, runs_dir=tmp_path) as scorer:
         with interrupts.stop_signals(), pytest.raises(interrupts.Interrupted):

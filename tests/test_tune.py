@@ -119,7 +119,9 @@ def test_tuning_records_an_honest_run_and_a_tuned_file(tuned, trained):
     summary = tuned.read("summary.json")
     assert summary["kind"] == "tuned" and summary["estimate"] == "cross-validated"
     assert summary["score"] == pytest.approx(record["cross_validated"])
-    assert record["in_sample"] >= record["untuned"] - 1e-9  # the untuned chain is the first trial
+    # the untuned chain is the first trial, so the search never ends below it (by its objective, the default)
+    assert record["objective"] == "mean over volumes" and record["plateau"] is None
+    assert record["in_sample_objective"] >= record["untuned_objective"] - 1e-9
     trials = tuned.read("trials.json")["trials"]
     assert len(trials) == 8 and all(t["state"] == "COMPLETE" for t in trials)
     for name in ("tiny-tuned", "tiny-tuned-cv0", "tiny-tuned-cv1"):
@@ -179,6 +181,36 @@ def test_a_tuned_run_exported_with_its_sources_predicts_where_they_were_never(tu
     with zipfile.ZipFile(tmp_path / "s.zip") as exported, zipfile.ZipFile(tmp_path / "here.zip") as original:
         assert exported.namelist() == original.namelist()
         assert all(exported.read(name) == original.read(name) for name in original.namelist())
+
+
+def test_a_robust_objective_and_a_plateau_choose_the_chain_and_say_what_to_check(trained, tmp_path):
+    file = trained / "robust.toml"
+    file.write_text((trained / "tiny.toml").read_text().replace("[tune]\n", '[tune]\nobjective = "worst_group"\n'))
+    result = vlab(["tune", str(file), "--trials", "8", "--workers", "2", "--plateau", "0.1"], trained / "vesuvius.toml")
+    assert result.returncode == 0, result.stderr
+    assert "objective: worst group's mean" in " ".join(result.stderr.split())
+    (run,) = [r for r in find_runs(trained / "runs") if r.read("tuning.json", {}).get("target") == str(file)]
+    record = run.read("tuning.json")
+    assert record["choice"] == {"objective": "worst_group", "k": 1.0, "group_by": "scroll", "plateau": 0.1}
+    groups = record["volume_groups"]["groups"]
+    assert set(groups) == {case["id"] for case in record["cases"]} and len(set(groups.values())) >= 2
+    trials = run.read("trials.json")
+    for trial in trials["trials"]:  # each trial's value is the worst group's mean of its volume scores
+        means = {}
+        for volume, score in trial["volumes"].items():
+            means.setdefault(groups[volume], []).append(score)
+        assert trial["score"] == pytest.approx(min(np.mean(v) for v in means.values()))
+    chosen = record["plateau"]["candidates"][record["plateau"]["chosen"]]
+    assert chosen["values"] == record["best"] and chosen["neighbours"] >= 1
+    assert record["plateau"]["neighbourhood"] == pytest.approx(max(c["neighbourhood"] for c in
+                                                                   record["plateau"]["candidates"]))
+    assert set(trials["neighbours"]) == {"tiny-tuned", "tiny-tuned-cv0", "tiny-tuned-cv1"}
+    assert set(record["profiles"]) == set(record["space"]) and isinstance(record["notices"], list)
+    assert sum(f"check: {n['message'][:30]}" in " ".join(result.stderr.split()) for n in record["notices"]) == \
+        len(record["notices"])
+    report = vlab(["report", str(run.path), "--output", str(tmp_path / "report")], trained / "vesuvius.toml")
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "tuning.png").stat().st_size > 10_000
 
 
 def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):
@@ -345,15 +377,14 @@ def test_a_killed_tuning_run_with_damaged_records_is_not_replaced_unasked(traine
     from vesuvius_lab.core.config.checked import read_experiment
     from vesuvius_lab.core.config.project import load_project
     from vesuvius_lab.core.tuning.cases import source_runs
-    from vesuvius_lab.core.tuning.tuner import _space_record
+    from vesuvius_lab.core.tuning.tuner import tuning_identity
 
     root = own_project(trained, tmp_path)
     project = load_project(root / "vesuvius.toml")
     spec = project.resolve(read_experiment(root / "tiny.toml").spec)
     run = new_run(root / "runs", "tiny-tuned", 0)  # a killed tuning of this very space and these runs
     run.write("spec.json", {"name": "tiny-tuned"})
-    run.write("tuning.json", {"space": _space_record(spec.tune),
-                              "sources": [str(r.path) for r in source_runs(spec, project.runs_dir)]})
+    run.write("tuning.json", tuning_identity(spec, source_runs(spec, project.runs_dir)))
     run.set_status("interrupted", signal="SIGINT")
     (run.path / record).write_text('{"damaged": ')
     code, stderr = tune_in_process([str(root / "tiny.toml"), "--trials", "2", "--workers", "1"],

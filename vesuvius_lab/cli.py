@@ -262,10 +262,16 @@ def ensemble(obj: ProjectContext, experiment, overrides, top):
 @click.option("--storage", default=None, help="An Optuna RDB URL (e.g. postgresql://...), so several machines tune "
                                               "one study; default SQLite inside the tuning run.")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
+@click.option("--objective", type=click.Choice(["mean", "worst_group", "mean_minus_std"]), default=None,
+              help="What each search maximises (default: [tune]'s objective): the mean over volumes, the worst "
+                   "group's mean, or the mean over groups minus k standard deviations (docs/tuning.md).")
+@click.option("--plateau", type=click.FloatRange(0, 0.5), default=None,
+              help="Choose the centre of a good region: re-score the best trials at their neighbours (each key "
+                   "moved by this share of its range) and keep the best neighbourhood; 0: the best trial.")
 @click.option("--force", is_flag=True, help="Start a new tuning run even when a killed or interrupted one (or one "
                                             "whose records are damaged) could be continued.")
 @click.pass_obj
-def tune(obj: ProjectContext, target, trials, workers, storage, overrides, force):
+def tune(obj: ProjectContext, target, trials, workers, storage, overrides, objective, plateau, force):
     """Tune the post-processing chain and threshold of an experiment's [tune] table on the out-of-fold
     predictions of its trained runs, against the exact competition score.
 
@@ -280,8 +286,9 @@ def tune(obj: ProjectContext, target, trials, workers, storage, overrides, force
 
     from vesuvius_lab.core.tuning.tuner import tune as run_tuning
 
+    options = {key: value for key, value in (("objective", objective), ("plateau", plateau)) if value is not None}
     run = run_tuning(target, obj.project(), trials=trials, workers=workers or os.cpu_count() or 1, storage=storage,
-                     device=_device(obj), overrides=list(overrides), force=force)
+                     device=_device(obj), overrides=list(overrides), force=force, options=options)
     record = run.read("tuning.json", {})
     if record.get("tuned_file"):
         out.print(f"tuned experiment file: {_escape(record['tuned_file'])}")
@@ -688,8 +695,11 @@ def data():
                    "label under labels/surface), block by block.")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Processes writing volumes at once (default: one per available core; the files are the same).")
+@click.option("--family", "families", multiple=True, metavar="NAME",
+              help="Style family of the scrolls, repeatable (scroll k gets the k-th, in turn): base (default), "
+                   "contrast, noise, spacing or damage; each moves one kind of look outside the base ranges.")
 @click.pass_obj
-def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, zarr_out, workers):
+def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, zarr_out, workers, families):
     """Write a synthetic scroll dataset in the competition layout (images, labels, csv files), or with --zarr
     one whole scroll as an OME-Zarr volume."""
     if zarr_out:
@@ -706,9 +716,11 @@ def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, za
     from vesuvius_lab.core.data.synthetic import write_dataset
 
     target = Path(out_dir) if out_dir else obj.project().data_root
-    write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test, workers=workers)
+    write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test, workers=workers,
+                  families=families or ("base",))
     out.print(f"wrote {n} training and {n_test} test volume(s) of {'x'.join(map(str, shape))} over "
-              f"{scrolls} scroll(s) to {_escape(str(target))}")
+              f"{scrolls} scroll(s){f' (families: {chr(44).join(families)})' if families else ''} to "
+              f"{_escape(str(target))}")
 
 
 @data.command("check")

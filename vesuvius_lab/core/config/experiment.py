@@ -354,6 +354,9 @@ def pydantic_problems(exc: ValidationError, source: _Source, model: type[BaseMod
         if isinstance(error.get("input"), float) and not math.isfinite(error["input"]):
             continue  # reported by non_finite_problems, once and whatever the model allows
         loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
+        homes = getattr(model, "TOML_HOMES", {})
+        if loc and loc[0] in homes:  # a key the file writes in another table
+            loc = (homes[loc[0]], *loc[1:])
         file, line = source.where(prefix + loc)
         message = error["msg"]
         if error["type"] == "extra_forbidden":

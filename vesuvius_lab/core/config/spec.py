@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo,
                       field_validator, model_validator)
@@ -543,6 +543,25 @@ class TuneRange(Strict):
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
 
+#: Keys of ``[tune]`` that say how to search rather than what: moved into ``Experiment.tune_options``.
+TUNE_OPTION_KEYS = ("objective", "k", "group_by", "plateau")
+
+
+class TuneOptions(Strict):
+    """How ``vlab tune`` scores and chooses a chain; written in ``[tune]`` beside the ranges (docs/tuning.md)."""
+
+    objective: Literal["mean", "worst_group", "mean_minus_std"] = Field(
+        "mean", description='What a search maximises over the out-of-fold volumes: "mean" (over volumes), '
+                            '"worst_group" (the worst group\'s mean) or "mean_minus_std" (mean over groups - k std).')
+    k: float = Field(1.0, ge=0, description="The standard deviations subtracted by objective = \"mean_minus_std\".")
+    group_by: Literal["scroll", "fold"] = Field(
+        "scroll", description="The groups of the robust objectives and the notices: the volumes' scrolls (when they "
+                              "come from two at least), else the folds that held them out.")
+    plateau: float = Field(0.0, ge=0, le=0.5, description=(
+        "0: choose the best trial. r > 0: re-score the best trials at their neighbours (each key moved by r of its "
+        "range) and choose the one whose neighbourhood scores best."))
+
+
 def _default_losses() -> list[LossTerm]:
     return [LossTerm(plugin="dice", weight=0.5), LossTerm(plugin="bce", weight=0.5)]
 
@@ -578,6 +597,26 @@ class Experiment(Strict):
         description='Search space of `vlab tune`: key path -> range or choices, e.g. "postprocess.0.params.low" = '
                     '{ low = 0.1, high = 0.5 } or "inference.threshold" = { choices = [0.3, 0.4, 0.5] }. Tuned on '
                     "the out-of-fold probabilities of the trained runs, against the competition score.")
+
+    tune_options: TuneOptions = Field(default_factory=TuneOptions, description=(
+        f"How `vlab tune` scores and chooses; written in [tune] itself ({', '.join(TUNE_OPTION_KEYS)})."))
+
+    #: Fields whose keys the file writes in another table: where a problem with them is reported.
+    TOML_HOMES: ClassVar[dict[str, str]] = {"tune_options": "tune"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tune_options_from_tune(cls, data: Any) -> Any:
+        """``[tune]`` holds the search's options beside its ranges: move them to ``tune_options``."""
+        if not isinstance(data, dict) or not isinstance(data.get("tune"), dict):
+            return data
+        options = {key: value for key, value in data["tune"].items() if key in TUNE_OPTION_KEYS}
+        if not options:
+            return data
+        given = data.get("tune_options")
+        merged = {**given, **options} if isinstance(given, dict) else options
+        ranges = {key: value for key, value in data["tune"].items() if key not in TUNE_OPTION_KEYS}
+        return {**data, "tune": ranges, "tune_options": merged}
 
     @field_validator("tune", mode="before")
     @classmethod

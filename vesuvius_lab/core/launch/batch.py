@@ -88,7 +88,7 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
 def _canonical(spec: dict) -> str:
     """The spec as compared between runs; [tune] is what `vlab tune` searches later and [[tracker]] where a
     run is watched, not how it trains (adding a tracker retrains nothing)."""
-    return json.dumps({k: v for k, v in spec.items() if k not in ("tune", "tracker")}, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in spec.items() if k not in ("tune", "tune_options", "tracker")}, sort_keys=True, default=str)
 
 
 def _same_spec_runs(runs_dir: Path, spec: Experiment):

@@ -172,9 +172,13 @@ def training_curves(path: Path, metrics: Sequence[dict], *, title: str, best_epo
     return _save(fig, path)
 
 
-def tuning_curves(path: Path, trials: Sequence[dict], *, title: str, untuned: float | None = None) -> Path:
+def tuning_curves(path: Path, trials: Sequence[dict], *, title: str, untuned: float | None = None,
+                  chosen: dict | None = None, notices: Sequence[dict] = (), objective: str = "mean score",
+                  profiles: dict | None = None) -> Path:
     """One PNG for a ``vlab tune`` run: the score of each trial with the best so far, and one panel per
-    tuned key showing the score against its value (each key's effect)."""
+    tuned key showing the score against its value (each key's effect), the chosen value marked and the
+    chosen chain's profile through it; the
+    tune's notices (an edge, a flat key, groups that disagree) are written on the panels they concern."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,33 +186,55 @@ def tuning_curves(path: Path, trials: Sequence[dict], *, title: str, untuned: fl
 
     done = [t for t in trials if isinstance(t.get("score"), (int, float))]
     keys = list(dict.fromkeys(k for t in done for k in t.get("values", {})))
+    by_key = {n.get("key"): n for n in notices if n.get("key")}
+    general = [n for n in notices if not n.get("key")]
     columns = min(3, len(keys) + 1)
     rows = -(-(len(keys) + 1) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), layout="constrained", dpi=DPI,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows + 0.5 * len(general)),
+                             layout="constrained", dpi=DPI, squeeze=False)
     history = axes[0][0]
     numbers, scores = [t["number"] for t in done], [t["score"] for t in done]
     history.scatter(numbers, scores, s=12, color="tab:blue", label="trial")
     history.plot(numbers, np.maximum.accumulate(scores) if scores else [], color="tab:orange", label="best so far")
     if untuned is not None:
         history.axhline(untuned, color="0.5", linestyle="--", linewidth=1, label="untuned")
-    history.set(title="score per trial", xlabel="trial", ylabel="mean score")
+    history.set(title="score per trial", xlabel="trial", ylabel=objective)
     history.legend(fontsize=8)
     for ax, key in zip(axes.ravel()[1:], keys):
         points = [(t["values"][key], t["score"]) for t in done if key in t.get("values", {})]
         values = [v for v, _ in points]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric:
             ax.scatter(values, [s for _, s in points], s=12, color="tab:green")
         else:  # choices: one column per choice
             labels = list(dict.fromkeys(map(str, values)))
             ax.scatter([labels.index(str(v)) for v in values], [s for _, s in points], s=12, color="tab:green")
             ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
-        ax.set(title=key, xlabel="value", ylabel="mean score")
+        profile = [(v, p) for v, p in (profiles or {}).get(key, []) if isinstance(p, (int, float))]
+        if profile and numeric:  # the chosen chain with this key alone moved across its range
+            ax.plot(*zip(*profile), color="tab:purple", marker="o", markersize=3, linewidth=1.2, label="profile")
+        if chosen and key in chosen and numeric:
+            ax.axvline(chosen[key], color="tab:red", linewidth=1, label="chosen")
+        if profile and numeric:
+            ax.legend(fontsize=7)
+        notice = by_key.get(key)
+        ax.set(title=key + (f"  [{notice['kind']}]" if notice else ""), xlabel="value", ylabel=objective)
         ax.title.set_fontsize(9)
+        if notice:
+            ax.title.set_color("tab:red")
+            hint = "widen the range" if notice["kind"] == "edge" else "its value does not matter"
+            ax.text(0.02, 0.03, hint, transform=ax.transAxes, fontsize=8, color="tab:red")
     for ax in axes.ravel()[len(keys) + 1:]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title + "".join(f"\n{n['kind']}: {_wrapped(n['message'])}" for n in general), fontsize=9 if general
+                 else 11)
     return _save(fig, path)
+
+
+def _wrapped(text: str, width: int = 150) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def _series(metrics: Sequence[dict], pick) -> dict[str, list]:

@@ -50,8 +50,11 @@ def write_report(run: Run, output: Path, *, device: str = "cpu", data_root: Path
     name = f"{record.experiment} / {run.id}"
     trials = run.read("trials.json", {}).get("trials")
     if isinstance(trials, list):  # a tuning run: its trials instead of training curves
+        tuning = run.read("tuning.json", {})
         curves = tuning_curves(output / "tuning.png", trials, title=f"{name}: tuning",
-                               untuned=record.summary.get("untuned_score"))
+                               untuned=tuning.get("untuned_objective", record.summary.get("untuned_score")),
+                               chosen=tuning.get("best"), notices=tuning.get("notices") or [],
+                               objective=tuning.get("objective") or "mean score", profiles=tuning.get("profiles"))
     else:
         curves = training_curves(output / "training.png", run.metrics(), title=f"{name}: training",
                                  best_epoch=record.summary.get("best_epoch"))

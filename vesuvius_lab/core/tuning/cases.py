@@ -9,6 +9,7 @@ members' caches and stored in the tuning run).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Case:
     group: int
     probabilities: str  # path of a float16 (D, H, W) .npy
     label: str  # path of the label TIFF
+    scroll: str = ""  # the scroll it comes from (train.csv), "" when unknown
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +109,8 @@ def _fold_run_cases(run: Run, spec: Experiment, folder: Path, cache_dir: Path, d
         image = open_volume(split.dataset.image_path(volume_id), cache_dir)
         key = volume_key(image)
         cached.get(image, key, volume_id)
-        cases.append(Case(volume_id, spec.data.fold, str(cached.path(key)), str(split.dataset.label_path(volume_id))))
+        cases.append(Case(volume_id, spec.data.fold, str(cached.path(key)), str(split.dataset.label_path(volume_id)),
+                          split.dataset.scroll_of(volume_id)))
         progress.advance(task)
     cached.release()
     return cases
@@ -127,7 +130,7 @@ def _ensemble_cases(run: Run, spec: Experiment, folder: Path, cache_dir: Path, d
             write_array(entry, predictor.probabilities(image, volume_id, key).astype(np.float16))
         holders = [r.spec.data.fold for r in members[0].runs_for(volume_id) if volume_id in r.holds_out]
         cases.append(Case(volume_id, holders[0] if len(holders) == 1 else 0, str(entry),
-                          str(dataset.label_path(volume_id))))
+                          str(dataset.label_path(volume_id)), dataset.scroll_of(volume_id)))
         progress.advance(task)
     return cases
 
@@ -139,4 +142,4 @@ def regroup(cases: list[Case]) -> list[Case]:
         return cases
     groups = min(MAX_GROUPS, 3, len(cases))
     ordered = sorted(cases, key=lambda case: case.id)
-    return [Case(c.id, index % groups, c.probabilities, c.label) for index, c in enumerate(ordered)]
+    return [dataclasses.replace(c, group=index % groups) for index, c in enumerate(ordered)]

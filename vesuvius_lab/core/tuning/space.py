@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from vesuvius_lab.core.config.spec import Experiment, TuneRange
@@ -65,3 +66,43 @@ def _get(document: Any, parts: list[str]) -> Any:
     for part in parts:
         document = document[int(part)] if isinstance(document, list) else document[part]
     return document
+
+
+# --------------------------------------------------------------------------- coordinates in a dimension
+
+
+def position(dimension: TuneRange, value: Any) -> float | None:
+    """Where ``value`` lies in its dimension, 0 at the low end and 1 at the high end (on the log scale for
+    a log range; the index among sorted numeric choices); None for choices that are not numbers."""
+    if dimension.choices is not None:
+        numeric = numeric_choices(dimension.choices)
+        if numeric is None or len(numeric) < 2 or not is_number(value):
+            return None
+        ordered = sorted(numeric)
+        return ordered.index(min(ordered, key=lambda c: abs(c - value))) / (len(ordered) - 1)
+    if not is_number(value):
+        return None
+    low, high, value = float(dimension.low), float(dimension.high), float(value)
+    if dimension.log:
+        low, high, value = math.log(low), math.log(high), math.log(max(value, 1e-300))
+    return min(1.0, max(0.0, (value - low) / (high - low)))
+
+
+def value_at(dimension: TuneRange, where: float) -> Any:
+    """The value at ``where`` (0..1) of a range, snapped to its integers or step."""
+    low, high = float(dimension.low), float(dimension.high)
+    value = math.exp(math.log(low) + where * (math.log(high) - math.log(low))) if dimension.log else \
+        low + where * (high - low)
+    if dimension.step:
+        value = low + round((value - low) / float(dimension.step)) * float(dimension.step)
+    if dimension.integer:
+        return int(round(value))
+    return float(min(high, max(low, value)))
+
+
+def numeric_choices(choices: list[Any]) -> list[float] | None:
+    return [float(c) for c in choices] if all(is_number(c) for c in choices) else None
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

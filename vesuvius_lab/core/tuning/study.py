@@ -1,4 +1,4 @@
-"""The search: Optuna (TPE) over a ``[tune]`` space, each trial the mean score of some cases.
+"""The search: Optuna (TPE) over a ``[tune]`` space, each trial the objective over the scores of some cases.
 
 Studies live in Optuna storage (SQLite inside the tuning run by default, or any Optuna RDB URL,
 so that several machines can work on one study). Every finished trial is stored at once, so a
@@ -13,12 +13,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import optuna
 from pydantic import ValidationError
 
 from vesuvius_lab.core.config.spec import Experiment, TuneRange
 from vesuvius_lab.core.errors import UserError
+from vesuvius_lab.core.tuning.objective import Objective
 from vesuvius_lab.core.tuning.scoring import CaseScorer, ChainSpec
 from vesuvius_lab.core.tuning.space import apply_values, current_values, suggest, values_of
 from vesuvius_lab.core.tuning.storage import journal, open_storage, storage_errors, tag
@@ -40,6 +40,7 @@ class Search:
     ids: list[str]
     storage: str
     seed: int
+    objective: Objective
     identity: dict = field(default_factory=dict)  # which tuning the study belongs to (storage.tag)
     on_record: Callable[[optuna.Study], None] | None = None  # called with the study after each trial
 
@@ -59,7 +60,7 @@ class Search:
                 on_trial(best_value(study))
             missing = trials - len(finished(study))
             if missing > 0:
-                study.optimize(lambda trial: self.objective(trial, scorer), n_trials=missing,
+                study.optimize(lambda trial: self.score_trial(trial, scorer), n_trials=missing,
                                callbacks=[lambda s, _t: self._after_trial(s, on_trial)])
         return study
 
@@ -68,7 +69,7 @@ class Search:
             self.on_record(study)
         on_trial(best_value(study))
 
-    def objective(self, trial: optuna.Trial, scorer: CaseScorer) -> float:
+    def score_trial(self, trial: optuna.Trial, scorer: CaseScorer) -> float:
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
         try:
             scores = scorer.score(chain_of(apply_values(self.spec, values)), self.ids)
@@ -78,8 +79,9 @@ class Search:
         except KeyboardInterrupt:  # stopped at once (a second Ctrl-C): Optuna records a failure; run it again
             trial.set_user_attr("interrupted", True)
             raise
-        trial.set_user_attr("volumes", {i: s.score for i, s in scores.items()})
-        return float(np.mean([s.score for s in scores.values()]))
+        volumes = {i: s.score for i, s in scores.items()}
+        trial.set_user_attr("volumes", volumes)
+        return self.objective.value(volumes)
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -19,17 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.config.checked import read_experiment
 from vesuvius_lab.core.config.experiment import load_experiment
 from vesuvius_lab.core.config.project import Project
-from vesuvius_lab.core.config.spec import Experiment, TuneRange
+from vesuvius_lab.core.config.spec import Experiment, TuneOptions, TuneRange
 from vesuvius_lab.core.config.sweep import toml_value
 from vesuvius_lab.core.console import err
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.files import write_text_atomic
+from vesuvius_lab.core.inference.postprocess import build_chain
 from vesuvius_lab.core.metric.score import VolumeScore, mean_scores
 from vesuvius_lab.core.runs.folder import (TUNING_RECORD, Run, effective_state, environment, find_runs, new_run,
                                            read_spec)
@@ -38,32 +41,42 @@ from vesuvius_lab.core.runs.records import resolve_run
 from vesuvius_lab.core.runs.summary import write_summary
 from vesuvius_lab.core.tuning.cases import Case, check_sources, gather_cases, source_runs
 from vesuvius_lab.core.tuning.scoring import CaseScorer
-from vesuvius_lab.core.tuning.space import apply_values
+from vesuvius_lab.core.tuning.space import apply_values, values_of
 from vesuvius_lab.core.tuning.storage import (DamagedStorage, check_studies, open_storage, prepare_studies, rebuild,
                                               shown)
+from vesuvius_lab.core.tuning import plateau
+from vesuvius_lab.core.tuning.notices import Notice, all_notices, profiles
+from vesuvius_lab.core.tuning.objective import Objective, volume_groups
 from vesuvius_lab.core.tuning.study import Search, best_values, chain_of, trial_records
 
 TRIALS_FILE = "trials.json"
 STUDY_FILE = "study.db"
 RESUMABLE = ("killed", "interrupted")
+#: The best trial by the mean over volumes: the choice of tuning runs that do not record one.
+MEAN_OF_VOLUMES = TuneOptions(objective="mean", plateau=0.0)
 #: The records that say whether a tuning run can be continued.
 RECORDS = (TUNING_RECORD, "status.json", "spec.json")
 
 
 @interrupts.stop_signals(at="after the trial in progress")
 def tune(target: str, project: Project, *, trials: int, workers: int, storage: str | None = None,
-         device: str = "cpu", overrides: list[str] = (), force: bool = False) -> Run:
+         device: str = "cpu", overrides: list[str] = (), force: bool = False, options: dict | None = None) -> Run:
     """Tune the chain of ``target`` (an experiment file with ``[tune]``, or a run) and return the tuning run.
 
-    Everything the user gave is checked before a run folder is created or continued: the file (every
-    check of ``vlab validate``), the source runs, a killed run's records, and the study storage."""
+    ``options`` replace the file's own (``objective``, ``k``, ``group_by``, ``plateau``: see
+    :class:`~vesuvius_lab.core.config.spec.TuneOptions`). Everything the user gave is checked before a
+    run folder is created or continued: the file (every check of ``vlab validate``), the source runs, a
+    killed run's records, and the study storage."""
     spec, file, sources = _target(target, project, list(overrides))
+    if options:
+        chosen = TuneOptions.model_validate({**spec.tune_options.model_dump(), **options})
+        spec = spec.model_copy(update={"tune_options": chosen})
     if not spec.tune:
         raise UserError(f"{file or target}: no [tune] table, so there is nothing to search. Add one, e.g.\n"
                         '[tune]\n"inference.threshold" = { low = 0.2, high = 0.7 }\n'
                         "(see docs/tuning.md).")
     check_sources(sources)
-    identity = {"space": _space_record(spec.tune), "sources": [str(run.path) for run in sources]}
+    identity = tuning_identity(spec, sources)
     name = f"{spec.name}-tuned"
     run = None if force else _resumable(project.runs_dir, name, identity, target)
     if storage is not None:  # the user's database: refused before a run exists, never repaired here
@@ -87,24 +100,39 @@ def _tune(run: Run, spec: Experiment, file: Path | None, sources: list[Run], ide
     try:
         cases = gather_cases(sources, run.path, project.cache_dir, device)
         interrupts.check()
-        groups = sorted({case.group for case in cases})
         record["cases"] = [case.to_dict() for case in cases]
-        _log(run, f"tuning {len(spec.tune)} key(s) on {len(cases)} out-of-fold volume(s) in {len(groups)} group(s), "
-                  f"{trials} trial(s) per search")
+        folds = groups_of(cases)
+        groups, grouped_by = volume_groups({c.id: c.scroll for c in cases}, {c.id: c.group for c in cases},
+                                           spec.tune_options.group_by)
+        objective = Objective(spec.tune_options.objective, groups, spec.tune_options.k)
+        record.update(objective=objective.describe(), volume_groups={"by": grouped_by, "groups": groups})
+        _log(run, f"tuning {len(spec.tune)} key(s) on {len(cases)} out-of-fold volume(s) in {len(folds)} fold "
+                  f"group(s), {trials} trial(s) per search; objective: {objective.describe()} (groups: "
+                  f"{len(set(groups.values()))} {grouped_by}(s))"
+                  + (f"; plateau {spec.tune_options.plateau:g}" if spec.tune_options.plateau else ""))
         with CaseScorer(cases, ignore_label=spec.data.ignore_label, workers=workers,
-                        runs_dir=project.runs_dir) as scorer, _progress(trials * (1 + len(groups))) as tick:
+                        runs_dir=project.runs_dir) as scorer, _progress(trials * (1 + len(folds))) as tick:
             ids = [case.id for case in cases]
             untuned = scorer.score(chain_of(spec), ids)
-            search = Search(record["study"], spec.tune, spec, ids, storage, spec.train.seed or 0, identity,
+            search = Search(record["study"], spec.tune, spec, ids, storage, spec.train.seed or 0, objective, identity,
                             _keeper(run, record["study"], spec.tune))
+            chooser = _Chooser(run, scorer, spec.tune_options.plateau, tick.note)
             study = search.run(scorer, trials, lambda best: tick("search", best))
-            best = best_values(study, spec.tune)
+            best, flatness = chooser.choose(search, study)
             tuned = apply_values(spec, best)
             in_sample = scorer.score(chain_of(tuned), ids)
-            held_out, per_group = _cross_validate(search, cases, groups, scorer, trials, tick)
-        record.update(best=best, groups=per_group, untuned=_mean(untuned), in_sample=_mean(in_sample),
-                      cross_validated=_mean(held_out) if held_out else None)
+            held_out, per_group = _cross_validate(search, cases, folds, scorer, trials, tick, chooser)
+            found = profiles(search.space, best, lambda values: chooser.evaluate(search, values))
+            notices = _notices(search, study, best, groups, found, project.runs_dir)
+        record.update(best=best, plateau=flatness, profiles={k: [list(p) for p in v] for k, v in found.items()},
+                      groups=per_group, untuned=_mean(untuned),
+                      in_sample=_mean(in_sample), cross_validated=_mean(held_out) if held_out else None,
+                      untuned_objective=objective.value({i: s.score for i, s in untuned.items()}),
+                      in_sample_objective=objective.value({i: s.score for i, s in in_sample.items()}),
+                      notices=[notice.to_dict() for notice in notices])
         _record(run, spec, tuned, record, untuned, in_sample, held_out, study, time.time() - started)
+        for notice in notices:
+            _log(run, f"check: {notice.message}")
         if file is not None:
             record["tuned_file"] = str(write_tuned_file(file, tuned, record, run))
             run.write(TUNING_RECORD, record)
@@ -120,8 +148,9 @@ def _tune(run: Run, spec: Experiment, file: Path | None, sources: list[Run], ide
 
 
 def _cross_validate(search: Search, cases: list[Case], groups: list[int], scorer: CaseScorer, trials: int,
-                    tick) -> tuple[dict[str, VolumeScore], dict[str, Any]]:
-    """For each group: tune on the others, score the chain found on it. Needs two groups at least."""
+                    tick, chooser: "_Chooser") -> tuple[dict[str, VolumeScore], dict[str, Any]]:
+    """For each group: tune on the others (chosen by the same rule as the main search), score the chain found
+    on it. Needs two groups at least."""
     held_out: dict[str, VolumeScore] = {}
     per_group: dict[str, Any] = {}
     if len(groups) < 2:
@@ -131,11 +160,65 @@ def _cross_validate(search: Search, cases: list[Case], groups: list[int], scorer
         outside = [c.id for c in cases if c.group == group]
         sub = dataclasses.replace(search, name=f"{search.name}-cv{group}", ids=inside)
         study = sub.run(scorer, trials, lambda best: tick(f"cross-validation {group}", best))
-        best = best_values(study, search.space)
+        best, _ = chooser.choose(sub, study)
         scores = scorer.score(chain_of(apply_values(search.spec, best)), outside)
         held_out.update(scores)
         per_group[str(group)] = {"volumes": outside, "best": best, "score": _mean(scores)}
     return held_out, per_group
+
+
+def groups_of(cases: list[Case]) -> list[int]:
+    """The groups of the cross-validation: the folds (or pseudo-folds) that held the cases out."""
+    return sorted({case.group for case in cases})
+
+
+class _Chooser:
+    """The chain a search ends with: its best trial, or with ``plateau`` the centre of the best neighbourhood.
+    Chains scored outside the search (neighbours, profiles) are scored once and kept in trials.json, so a
+    continued tune does not score them again."""
+
+    def __init__(self, run: Run, scorer: CaseScorer, radius: float, note=lambda text: None):
+        self.run, self.scorer, self.radius, self.note = run, scorer, radius, note
+
+    def choose(self, search: Search, study) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        best = best_values(study, search.space)  # also: a clear error when every trial was refused
+        if not self.radius:
+            return best, None
+        scored = [(values_of(t.params, search.space), t.value) for t in study.trials
+                  if t.state == optuna.trial.TrialState.COMPLETE]
+        return plateau.choose(search.space, scored, self.radius, lambda values: self.evaluate(search, values))
+
+    def evaluate(self, search: Search, values: dict[str, Any]) -> float | None:
+        """The objective of ``values`` on the search's volumes; None when the steps refuse them."""
+        saved = self.run.read(TRIALS_FILE, {})
+        memo = saved.setdefault("neighbours", {}).setdefault(search.name, {})
+        key = json.dumps(values, sort_keys=True)
+        if key not in memo:
+            self.note(f"{search.name}: scoring around the chosen chain ({len(memo) + 1})")
+            try:
+                scores = self.scorer.score(chain_of(apply_values(search.spec, values)), search.ids)
+                memo[key] = {i: s.score for i, s in scores.items()}
+            except (ValidationError, UserError):  # values the steps refuse: no neighbour there
+                memo[key] = None
+            self.run.write(TRIALS_FILE, saved)
+            interrupts.check()
+        return None if memo[key] is None else search.objective.value(memo[key])
+
+
+def _notices(search: Search, study, chosen: dict[str, Any], groups: dict[str, str], found: dict, runs_dir: Path) \
+        -> list[Notice]:
+    """What a careful user would check by eye in the main search (:mod:`vesuvius_lab.core.tuning.notices`)."""
+    records = trial_records(study, search.space)
+
+    def accepts(key: str, value: Any) -> bool:  # would the steps take a value beyond the range?
+        try:
+            steps, threshold = chain_of(apply_values(search.spec, {**chosen, key: value}))
+            build_chain(steps, threshold=threshold, runs_dir=runs_dir)
+            return True
+        except (ValidationError, UserError, ValueError):
+            return False
+
+    return all_notices(search.space, chosen, records, found, groups, accepts)
 
 
 def _record(run: Run, spec: Experiment, tuned: Experiment, record: dict, untuned: dict, in_sample: dict,
@@ -173,6 +256,9 @@ def write_tuned_file(file: Path, tuned: Experiment, record: dict, run: Run) -> P
         f"# on {len(record['cases'])} out-of-fold volume(s) of {', '.join(Path(s).name for s in record['sources'])}.",
         f"# Cross-validated score {estimate} (untuned {record['untuned']:.4f} on the same volumes); "
         f"in-sample best {record['in_sample']:.4f}.",
+        f"# Objective: {record.get('objective', 'mean over volumes')}"
+        + (f"; plateau {record['plateau']['radius']:g} (the chosen point's neighbourhood "
+           f"{record['plateau']['neighbourhood']:.4f})" if record.get("plateau") else "") + ".",
         f"# The tuning run: {run.path}",
         f'extends = "{file.name}"',
         f"name = {toml_value(tuned.name + '-tuned')}",
@@ -212,6 +298,15 @@ def _target(target: str, project: Project, overrides: list[str]) -> tuple[Experi
     run = resolve_run(target, project.runs_dir)
     spec = read_spec(run)
     return spec, None, [run] if spec.ensemble is not None else source_runs(spec, project.runs_dir)
+
+
+def tuning_identity(spec: Experiment, sources: list[Run]) -> dict:
+    """What makes two tunings the same one (continued, sharing a study): the space, the source runs and how
+    a chain is chosen."""
+    identity = {"space": _space_record(spec.tune), "sources": [str(run.path) for run in sources]}
+    if spec.tune_options != MEAN_OF_VOLUMES:  # how every tuning chose before the choice was recorded: those continue
+        identity["choice"] = spec.tune_options.model_dump(mode="json")
+    return identity
 
 
 def _space_record(space: dict[str, TuneRange]) -> dict:
@@ -303,9 +398,13 @@ class _progress:
 
     def __enter__(self):
         self.progress.start()
-        return self.tick
+        return self
 
-    def tick(self, stage: str, best: float | None) -> None:
+    def note(self, stage: str) -> None:
+        """Say what runs between trials (neighbours, profiles), without advancing the bar."""
+        self.progress.update(self.task, description=stage)
+
+    def __call__(self, stage: str, best: float | None) -> None:
         """After each trial, once Optuna has stored it: the safe point where a stop signal is taken."""
         self.progress.update(self.task, advance=1, description=stage, best="—" if best is None else f"{best:.4f}")
         interrupts.check()
