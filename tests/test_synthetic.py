@@ -146,3 +146,28 @@ def test_cli_defaults_match_the_library_defaults():
     options = {p.name: p.default for p in cli.commands["data"].commands["synth"].params}
     assert options["n"] == synthetic.DEFAULT_N and options["scrolls"] == synthetic.DEFAULT_SCROLLS
     assert tuple(options["shape"]) == synthetic.DEFAULT_SHAPE and options["n_test"] == synthetic.DEFAULT_TEST
+
+
+def test_style_families_move_their_looks_outside_the_base_ranges(tmp_path):
+    from vesuvius_lab.core.data.synthetic import BASE_RANGES, FAMILIES, ScrollStyle
+
+    for family, ranges in FAMILIES.items():
+        for seed in range(5):
+            style = ScrollStyle.draw(np.random.default_rng(seed), family)
+            for name, (low, high) in {**BASE_RANGES, **ranges}.items():
+                assert low <= getattr(style, name) <= high, (family, name)
+    assert ScrollStyle.draw(np.random.default_rng(3)) == ScrollStyle.draw(np.random.default_rng(3), "base")
+    result = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "d"), "--n", "3", "--test", "1",
+                                      "--shape", "16", "32", "32", "--scrolls", "3", "--family", "noise",
+                                      "--family", "contrast"])
+    assert result.exit_code == 0, result.output
+    marker = json.loads((tmp_path / "d" / MARKER).read_text())
+    assert list(marker["families"].values()) == ["noise", "contrast", "noise"]
+    for scroll, family in marker["families"].items():
+        low, high = {**BASE_RANGES, **FAMILIES[family]}["noise"]
+        assert low <= marker["styles"][scroll]["noise"] <= high
+    from conftest import run_cli
+
+    refused = run_cli(["data", "synth", "--out", str(tmp_path / "e"), "--family", "foggy"])
+    assert refused.returncode == 2 and "unknown style family 'foggy'" in refused.stderr
+    assert not (tmp_path / "e").exists()  # refused before anything is written

@@ -26,6 +26,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -66,18 +67,33 @@ class ScrollStyle:
     blur: float  # point-spread sigma, voxels
 
     @classmethod
-    def draw(cls, rng: np.random.Generator) -> "ScrollStyle":
-        return cls(
-            sheet_thickness=rng.uniform(3.8, 6.0),
-            gap=rng.uniform(2.5, 7.0),
-            touching=rng.uniform(0.15, 0.45),
-            waviness=rng.uniform(2.0, 7.0),
-            fray=rng.uniform(0.2, 0.8),
-            air=rng.uniform(25, 55),
-            papyrus=rng.uniform(150, 200),
-            noise=rng.uniform(10, 20),
-            blur=rng.uniform(0.6, 1.1),
-        )
+    def draw(cls, rng: np.random.Generator, family: str = "base") -> "ScrollStyle":
+        """A style drawn from the ranges of ``family`` (see :data:`FAMILIES`)."""
+        ranges = style_ranges(family)
+        return cls(**{name: rng.uniform(*ranges[name]) for name in STYLE_FIELDS})
+
+
+#: The style's fields, in the order they are drawn (the same seed gives the same style).
+STYLE_FIELDS = ("sheet_thickness", "gap", "touching", "waviness", "fray", "air", "papyrus", "noise", "blur")
+#: The ranges every scroll is drawn from unless its family changes some.
+BASE_RANGES: dict[str, tuple[float, float]] = {
+    "sheet_thickness": (3.8, 6.0), "gap": (2.5, 7.0), "touching": (0.15, 0.45), "waviness": (2.0, 7.0),
+    "fray": (0.2, 0.8), "air": (25, 55), "papyrus": (150, 200), "noise": (10, 20), "blur": (0.6, 1.1)}
+#: Style families: scrolls scanned or preserved unlike the base ones, each moving one kind of look outside
+#: the base ranges. A model and a chain tuned on some families can be scored on the others (a shift).
+FAMILIES: dict[str, dict[str, tuple[float, float]]] = {
+    "base": {},
+    "contrast": {"air": (60, 85), "papyrus": (115, 145), "blur": (1.2, 1.7)},  # a faint, soft scan
+    "noise": {"noise": (26, 36)},  # a fast, noisy scan
+    "spacing": {"sheet_thickness": (2.8, 3.8), "gap": (1.3, 2.6), "touching": (0.45, 0.75)},  # tightly wound
+    "damage": {"fray": (0.85, 1.0), "waviness": (7.0, 11.0)},  # holed, delaminated, crumpled
+}
+
+
+def style_ranges(family: str) -> dict[str, tuple[float, float]]:
+    if family not in FAMILIES:
+        raise UserError(f"unknown style family {family!r}; one of {', '.join(FAMILIES)}.")
+    return {**BASE_RANGES, **FAMILIES[family]}
 
 
 # --------------------------------------------------------------------------- random fields
@@ -303,10 +319,11 @@ def _prepare_folder(out: Path) -> None:
 
 def write_dataset(out: Path, n: int = DEFAULT_N, shape: Shape3 = DEFAULT_SHAPE, seed: int = 0,
                   scrolls: int = DEFAULT_SCROLLS, n_test: int = DEFAULT_TEST, *, progress: bool = True,
-                  workers: int | None = None) -> Path:
+                  workers: int | None = None, families: Sequence[str] = ("base",)) -> Path:
     """Write a synthetic dataset in the competition layout into ``out`` and return ``out``.
 
-    Volume ``i`` belongs to scroll ``i % scrolls``; every volume of a scroll shares its style.
+    Volume ``i`` belongs to scroll ``i % scrolls``; every volume of a scroll shares its style, drawn from
+    the ranges of family ``families[k % len(families)]`` for scroll ``k``.
     The same arguments give byte-identical files, whatever ``workers`` (processes that write volumes
     at once; default one per available core, 1: this process). A folder made earlier by this function
     is replaced; any other non-empty folder is refused.
@@ -314,12 +331,15 @@ def write_dataset(out: Path, n: int = DEFAULT_N, shape: Shape3 = DEFAULT_SHAPE, 
     if n < 1 or n_test < 1 or scrolls < 1:
         raise UserError(f"Need at least one training volume, one test volume and one scroll "
                         f"(got n={n}, test={n_test}, scrolls={scrolls}).")
+    for family in families:
+        style_ranges(family)  # an unknown family is refused before anything is written
     out = Path(out)
     _prepare_folder(out)
     naming = np.random.default_rng([seed, 0])
     scroll_ids = _ids(naming, scrolls, 10_000, 99_999)
     volume_ids = _ids(naming, n + n_test, 10**8, 2**31 - 1)
-    styles = [ScrollStyle.draw(np.random.default_rng([seed, 1, k])) for k in range(scrolls)]
+    scroll_families = [families[k % len(families)] for k in range(scrolls)]
+    styles = [ScrollStyle.draw(np.random.default_rng([seed, 1, k]), scroll_families[k]) for k in range(scrolls)]
     jobs = [("train", i, volume_ids[i]) for i in range(n)] + [("test", j, volume_ids[n + j]) for j in range(n_test)]
     rows: dict[str, list[str]] = {"train": [], "test": []}
     for split, index, volume_id in jobs:
@@ -341,7 +361,8 @@ def write_dataset(out: Path, n: int = DEFAULT_N, shape: Shape3 = DEFAULT_SHAPE, 
     for split in ("train", "test"):
         write_text_atomic(out / f"{split}.csv", "id,scroll_id\n" + "".join(row + "\n" for row in rows[split]))
     record = {"n": n, "shape": list(shape), "seed": seed, "scrolls": scrolls, "n_test": n_test,
-              "styles": {scroll_ids[k]: asdict(styles[k]) for k in range(scrolls)}}
+              "styles": {scroll_ids[k]: asdict(styles[k]) for k in range(scrolls)},
+              "families": {scroll_ids[k]: scroll_families[k] for k in range(scrolls)}}
     write_text_atomic(out / MARKER, json.dumps(record, indent=2) + "\n")
     return out
 
