@@ -93,6 +93,9 @@ def test_a_chosen_value_at_an_edge_is_noticed_only_where_the_step_accepts_more()
     assert set(notices) == {"low", "n", "c"}  # r cannot go below 0; mid is inside
     assert notices["low"].detail["side"] == "high" and notices["low"].detail["try"] > 0.5
     assert notices["n"].detail["side"] == "low" and notices["n"].detail["try"] < 10
+    # the step is asked about a value just past the edge: one that only a wide move would break still widens
+    probed = edge_notices(space, chosen, accepts=lambda key, value: not (key == "low" and value > 0.52))
+    assert "low" in {n.key for n in probed}
     assert "widen the range" in notices["low"].message and "upper edge" in notices["low"].message
     assert position(space["n"], 10) == 0.0 and position(space["n"], 2000) == 1.0
 
@@ -162,3 +165,20 @@ def test_a_bad_tune_option_is_reported_at_its_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"e.toml:{line}" in result.stderr and "tune.objective" in result.stderr
     assert "worst_group" in result.stderr
+
+
+def test_the_tuning_picture_draws_profiles_and_marks_the_notices(tmp_path):
+    from vesuvius_lab.core.reports.pictures import tuning_curves
+
+    trials = [{"number": i, "score": 0.5 + 0.01 * i, "values": {"a": 0.1 * i, "b": 10 * (i + 1)}} for i in range(8)]
+    notices = [{"kind": "edge", "key": "a", "message": "a = 0.7 is at the upper edge"},
+               {"kind": "groups disagree", "key": None, "message": "the groups are best at far-apart values " * 8}]
+    path = tuning_curves(tmp_path / "t.png", trials, title="t", untuned=0.5, chosen={"a": 0.7, "b": 80},
+                         notices=notices, objective="worst group's mean",
+                         profiles={"a": [[0.0, 0.5], [0.5, 0.55], [1.0, None]], "b": [[10, 0.56], [80, 0.57]]})
+    plain = tuning_curves(tmp_path / "plain.png", trials, title="t")
+    import matplotlib.image
+
+    drawn, bare = matplotlib.image.imread(path), matplotlib.image.imread(plain)
+    assert drawn.shape[0] > bare.shape[0]  # the general notice is written above the panels
+    assert drawn.shape[1] == bare.shape[1] and not np.array_equal(drawn[-bare.shape[0]:], bare)

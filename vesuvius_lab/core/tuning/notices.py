@@ -47,18 +47,18 @@ class Notice:
         return asdict(self)
 
 
-def beyond(dimension: TuneRange, side: str) -> Any:
-    """A value a quarter of the range past the ``side`` ("low" or "high") end: what widening would try."""
+def beyond(dimension: TuneRange, side: str, share: float = 0.25) -> Any:
+    """A value ``share`` of the range past the ``side`` ("low" or "high") end (an integer: one step at least)."""
     if dimension.choices is not None:
         ordered = sorted(numeric_choices(dimension.choices))
         first, second = (ordered[0], ordered[1]) if side == "low" else (ordered[-1], ordered[-2])
-        return first + (first - second)
+        return first + share / 0.25 * (first - second)
     low, high = float(dimension.low), float(dimension.high)
     if dimension.log:
-        factor = (high / low) ** 0.25
+        factor = (high / low) ** share
         value = low / factor if side == "low" else high * factor
     else:
-        value = low - 0.25 * (high - low) if side == "low" else high + 0.25 * (high - low)
+        value = low - share * (high - low) if side == "low" else high + share * (high - low)
     if dimension.integer:
         value = math.floor(value) if side == "low" else math.ceil(value)
         value = min(value, int(dimension.low) - 1) if side == "low" else max(value, int(dimension.high) + 1)
@@ -76,9 +76,9 @@ def edge_notices(space: Mapping[str, TuneRange], chosen: Mapping[str, Any],
         if where is None or EDGE < where < 1 - EDGE:
             continue
         side = "low" if where <= EDGE else "high"
+        if not accepts(key, beyond(dimension, side, share=0.01)):
+            continue  # as far as the step goes (a radius below 0, a threshold above 1): nothing to widen
         outside = beyond(dimension, side)
-        if not accepts(key, outside):
-            continue  # as far as the step goes: nothing to widen
         span = f"[{_show(dimension.low)}, {_show(dimension.high)}]" if dimension.choices is None else \
             f"choices {list(dimension.choices)}"
         end = "lower" if side == "low" else "upper"
