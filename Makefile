@@ -49,8 +49,12 @@ demo: $(STAMP)
 	$(BIN)/vlab submit best --input $(DEMO_DATA)/test_images --output runs/submission.zip
 	$(BIN)/vlab leaderboard
 
+# The suite in TEST_WORKERS processes, one test file to each at a time (a file's trained fixtures are
+# built once); `make test TEST_WORKERS=1` runs it in this process alone.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 clean-demo:
 	rm -rf $(DEMO_DATA) runs
