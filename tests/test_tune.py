@@ -213,6 +213,14 @@ def test_a_robust_objective_and_a_plateau_choose_the_chain_and_say_what_to_check
     assert (tmp_path / "report" / "tuning.png").stat().st_size > 10_000
 
 
+def test_a_tune_table_with_options_and_no_range_is_refused_with_the_reason(trained):
+    file = trained / "options-only.toml"
+    file.write_text(tiny_experiment(epochs=2, iterations=15) + '[tune]\nobjective = "worst_group"\n')
+    result = vlab(["tune", str(file), "--trials", "2"], trained / "vesuvius.toml")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no range to search in [tune]" in " ".join(result.stderr.split())
+
+
 def test_a_killed_tune_resumes_with_no_trial_lost(trained, tmp_path):
     project = trained / "vesuvius.toml"
     file = trained / "resume.toml"

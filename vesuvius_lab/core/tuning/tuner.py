@@ -72,7 +72,8 @@ def tune(target: str, project: Project, *, trials: int, workers: int, storage: s
         chosen = TuneOptions.model_validate({**spec.tune_options.model_dump(), **options})
         spec = spec.model_copy(update={"tune_options": chosen})
     if not spec.tune:
-        raise UserError(f"{file or target}: no [tune] table, so there is nothing to search. Add one, e.g.\n"
+        raise UserError(f"{file or target}: no range to search in [tune] (its options, such as objective, say how to "
+                        "search, not what). Add a key with its range, e.g.\n"
                         '[tune]\n"inference.threshold" = { low = 0.2, high = 0.7 }\n'
                         "(see docs/tuning.md).")
     check_sources(sources)
