@@ -191,7 +191,7 @@ def test_a_robust_objective_and_a_plateau_choose_the_chain_and_say_what_to_check
     assert "objective: worst group's mean" in " ".join(result.stderr.split())
     (run,) = [r for r in find_runs(trained / "runs") if r.read("tuning.json", {}).get("target") == str(file)]
     record = run.read("tuning.json")
-    assert record["choice"] == {"objective": "worst_group", "k": 1.0, "group_by": "scroll", "plateau": 0.1}
+    assert record["choice"] == {"objective": "worst_group", "group_by": "scroll", "plateau": 0.1}
     groups = record["volume_groups"]["groups"]
     assert set(groups) == {case["id"] for case in record["cases"]} and len(set(groups.values())) >= 2
     trials = run.read("trials.json")

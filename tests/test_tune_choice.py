@@ -74,11 +74,26 @@ def test_a_plateau_is_preferred_to_a_narrow_peak():
     assert needle["score"] - needle["neighbourhood"] > 0.2
 
 
-def test_refused_neighbours_are_left_out_of_the_neighbourhood():
-    space = {"x": TuneRange(low=0.0, high=1.0)}
-    chosen, record = plateau.choose(space, [({"x": 0.5}, 0.6)], 0.1, lambda values: None)
-    assert chosen == {"x": 0.5} and record["neighbourhood"] == pytest.approx(0.6)
-    assert record["candidates"][0]["neighbours"] == 0
+def test_a_refused_neighbour_counts_as_the_worst_score_around_a_candidate():
+    space = {"low": TuneRange(low=0.0, high=1.0), "high": TuneRange(low=0.0, high=1.0)}
+
+    def hysteresis(values: dict) -> float | None:  # refused where low > high; a needle on the low = high cliff
+        low, high = values["low"], values["high"]
+        if low > high:
+            return None
+        if (low, high) == (0.6, 0.6):
+            return 0.62
+        return 0.60 if max(abs(low - 0.6), abs(high - 0.6)) <= 0.15 else 0.605
+
+    corner, inner = {"low": 0.6, "high": 0.6}, {"low": 0.3, "high": 0.4}
+    chosen, record = plateau.choose(space, [(corner, 0.62), (inner, 0.605)], 0.1, hysteresis)
+    at_corner = record["candidates"][0]
+    assert at_corner["refused"] == 2 and at_corner["neighbours"] == 2
+    assert at_corner["neighbourhood"] == pytest.approx(np.mean([0.62, 0.60, 0.60, 0.60, 0.60]))
+    # the corner's two scored neighbours alone would average 0.6067 and win; its cliff makes it 0.604
+    assert chosen == inner and record["neighbourhood"] == pytest.approx(0.605)
+    _, alone = plateau.choose(space, [({"low": 0.5, "high": 0.5}, 0.6)], 0.1, lambda values: None)
+    assert alone["neighbourhood"] == pytest.approx(0.6) and alone["candidates"][0]["neighbours"] == 0
 
 
 # --------------------------------------------------------------------------- notices
@@ -100,6 +115,27 @@ def test_a_chosen_value_at_an_edge_is_noticed_only_where_the_step_accepts_more()
     assert position(space["n"], 10) == 0.0 and position(space["n"], 2000) == 1.0
 
 
+def test_past_an_edge_is_an_integer_for_integers_and_never_below_1_on_an_integer_log_range():
+    from vesuvius_lab.core.tuning.notices import beyond
+
+    radius = TuneRange(choices=[0, 1, 2])
+    assert beyond(radius, "high", share=0.01) == 3 and beyond(radius, "high") == 3 and beyond(radius, "low") == -1
+    notices = edge_notices({"r": radius}, {"r": 2}, accepts=lambda key, value: isinstance(value, int))
+    assert [n.detail["try"] for n in notices] == [3]
+    voxels = TuneRange(low=1, high=100, log=True)
+    assert beyond(voxels, "low") is None and edge_notices({"v": voxels}, {"v": 1}) == []
+    assert beyond(voxels, "high") > 100
+
+
+def test_a_stepped_range_ends_at_its_last_step():
+    stepped = TuneRange(low=0.1, high=0.5, step=0.15)  # Optuna's values: 0.1, 0.25, 0.4
+    assert position(stepped, 0.4) == pytest.approx(1.0)
+    assert [n.key for n in edge_notices({"s": stepped}, {"s": 0.4})] == ["s"]
+    from vesuvius_lab.core.tuning.space import value_at
+
+    assert value_at(stepped, 1.0) == pytest.approx(0.4) and value_at(TuneRange(low=0, high=10, step=4), 1.0) == 8
+
+
 def test_a_key_that_does_not_change_the_score_is_flat_and_one_that_does_is_not():
     space = {"strong": TuneRange(low=0.0, high=1.0), "idle": TuneRange(low=1, high=500, log=True),
              "pick": TuneRange(choices=["a", "b"])}
@@ -117,7 +153,7 @@ def test_a_key_that_does_not_change_the_score_is_flat_and_one_that_does_is_not()
     assert [n.key for n in notices] == ["idle"] and "does not matter" in notices[0].message
     assert notices[0].detail["effect"] == pytest.approx(0.001)  # "pick": one scored choice, nothing to compare
     # at the edge of its range, but flat: widening it gains nothing, so only the flat notice is given
-    at_edge = {"strong": 0.5, "idle": 1, "pick": "a"}
+    at_edge = {"strong": 0.5, "idle": 500, "pick": "a"}
     assert [n.key for n in edge_notices(space, at_edge)] == ["idle"]
     assert [(n.kind, n.key) for n in all_notices(space, at_edge, [], profiles(space, at_edge, landscape), {})] == \
         [("flat", "idle")]
@@ -182,3 +218,28 @@ def test_the_tuning_picture_draws_profiles_and_marks_the_notices(tmp_path):
     drawn, bare = matplotlib.image.imread(path), matplotlib.image.imread(plain)
     assert drawn.shape[0] > bare.shape[0]  # the general notice is written above the panels
     assert drawn.shape[1] == bare.shape[1] and not np.array_equal(drawn[-bare.shape[0]:], bare)
+
+
+def test_a_killed_tuning_is_continued_only_by_a_tune_that_chooses_the_same_way(tmp_path):
+    from vesuvius_lab.core.config.spec import Experiment
+    from vesuvius_lab.core.runs.folder import new_run
+    from vesuvius_lab.core.tuning.tuner import _resumable, tuning_identity
+
+    base = {"name": "x", "model": {"plugin": "smp_unet25d"}, "tune": {"inference.threshold": {"low": 0.2, "high": 0.7}}}
+    default = Experiment.model_validate(base)
+    robust = Experiment.model_validate({**base, "tune_options": {"objective": "worst_group"}})
+    mean_k = Experiment.model_validate({**base, "tune_options": {"k": 3.0, "group_by": "fold"}})
+    assert "choice" not in tuning_identity(default, []) and tuning_identity(mean_k, []) == tuning_identity(default, [])
+
+    def killed(spec: Experiment):
+        run = new_run(tmp_path / "runs", "x-tuned", 0)
+        run.write("spec.json", {"name": "x-tuned"})
+        run.write("tuning.json", tuning_identity(spec, []))
+        run.set_status("interrupted", signal="SIGINT")
+        return run
+
+    earlier = killed(robust)
+    assert _resumable(tmp_path / "runs", "x-tuned", tuning_identity(default, []), "x.toml") is None
+    assert _resumable(tmp_path / "runs", "x-tuned", tuning_identity(robust, []), "x.toml") == earlier
+    old = killed(default)  # as a tuning from before choices were recorded: no "choice" in tuning.json
+    assert _resumable(tmp_path / "runs", "x-tuned", tuning_identity(default, []), "x.toml") == old

@@ -48,11 +48,15 @@ class Notice:
 
 
 def beyond(dimension: TuneRange, side: str, share: float = 0.25) -> Any:
-    """A value ``share`` of the range past the ``side`` ("low" or "high") end (an integer: one step at least)."""
+    """A value ``share`` of the range past the ``side`` ("low" or "high") end, one unit at least for integers;
+    None where no value lies past it (below 1 for an integer log range)."""
     if dimension.choices is not None:
         ordered = sorted(numeric_choices(dimension.choices))
         first, second = (ordered[0], ordered[1]) if side == "low" else (ordered[-1], ordered[-2])
-        return first + share / 0.25 * (first - second)
+        value = first + share / 0.25 * (first - second)
+        if all(isinstance(c, int) for c in dimension.choices):
+            return int(first + (-1 if side == "low" else 1) * max(1, round(abs(value - first))))
+        return value
     low, high = float(dimension.low), float(dimension.high)
     if dimension.log:
         factor = (high / low) ** share
@@ -62,6 +66,8 @@ def beyond(dimension: TuneRange, side: str, share: float = 0.25) -> Any:
     if dimension.integer:
         value = math.floor(value) if side == "low" else math.ceil(value)
         value = min(value, int(dimension.low) - 1) if side == "low" else max(value, int(dimension.high) + 1)
+        if dimension.log and value < 1:
+            return None
     return value
 
 
@@ -76,8 +82,9 @@ def edge_notices(space: Mapping[str, TuneRange], chosen: Mapping[str, Any],
         if where is None or EDGE < where < 1 - EDGE:
             continue
         side = "low" if where <= EDGE else "high"
-        if not accepts(key, beyond(dimension, side, share=0.01)):
-            continue  # as far as the step goes (a radius below 0, a threshold above 1): nothing to widen
+        probe = beyond(dimension, side, share=0.01)
+        if probe is None or not accepts(key, probe):
+            continue  # as far as the range or the step goes (a radius below 0, a threshold above 1)
         outside = beyond(dimension, side)
         span = f"[{_show(dimension.low)}, {_show(dimension.high)}]" if dimension.choices is None else \
             f"choices {list(dimension.choices)}"

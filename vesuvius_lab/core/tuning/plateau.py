@@ -5,7 +5,8 @@ narrow peak is the one most likely to move when the data does. With ``plateau = 
 each key's range), the best few trials are each re-scored at their neighbours (every key moved by
 ``r`` down and up, one at a time, on the log scale for a log range; the adjacent choices for numeric
 choices) and the candidate whose neighbourhood (itself and its neighbours) has the best mean is
-chosen. The record says how flat the chosen point is: its own score, its neighbourhood's mean and
+chosen. A neighbour the steps refuse (a hysteresis low above its high) counts as the worst score of
+the neighbourhood: a point on the edge of a cliff is no plateau. The record says how flat the chosen point is: its own score, its neighbourhood's mean and
 worst, and the drop from one to the other.
 """
 
@@ -63,10 +64,13 @@ def choose(space: Mapping[str, TuneRange], trials: Sequence[tuple[dict[str, Any]
         if values in seen:
             continue
         seen.append(values)
-        around = [s for s in (evaluate(n) for n in neighbours(space, values, radius)) if s is not None]
-        neighbourhood = [score, *around]
+        scored = [evaluate(n) for n in neighbours(space, values, radius)]
+        around = [s for s in scored if s is not None]
+        worst = min([score, *around])
+        # a neighbour the steps refuse (low above high) is the edge of a cliff: it counts as the worst one
+        neighbourhood = [score, *(worst if s is None else s for s in scored)]
         candidates.append({"values": values, "score": score, "neighbourhood": sum(neighbourhood) / len(neighbourhood),
-                           "worst": min(neighbourhood), "neighbours": len(around)})
+                           "worst": worst, "neighbours": len(around), "refused": len(scored) - len(around)})
         if len(candidates) == CANDIDATES:
             break
     chosen = max(candidates, key=lambda c: c["neighbourhood"])

@@ -82,7 +82,7 @@ def position(dimension: TuneRange, value: Any) -> float | None:
         return ordered.index(min(ordered, key=lambda c: abs(c - value))) / (len(ordered) - 1)
     if not is_number(value):
         return None
-    low, high, value = float(dimension.low), float(dimension.high), float(value)
+    low, high, value = float(dimension.low), top(dimension), float(value)
     if dimension.log:
         low, high, value = math.log(low), math.log(high), math.log(max(value, 1e-300))
     return min(1.0, max(0.0, (value - low) / (high - low)))
@@ -90,7 +90,7 @@ def position(dimension: TuneRange, value: Any) -> float | None:
 
 def value_at(dimension: TuneRange, where: float) -> Any:
     """The value at ``where`` (0..1) of a range, snapped to its integers or step."""
-    low, high = float(dimension.low), float(dimension.high)
+    low, high = float(dimension.low), top(dimension)
     value = math.exp(math.log(low) + where * (math.log(high) - math.log(low))) if dimension.log else \
         low + where * (high - low)
     if dimension.step:
@@ -98,6 +98,14 @@ def value_at(dimension: TuneRange, where: float) -> Any:
     if dimension.integer:
         return int(round(value))
     return float(min(high, max(low, value)))
+
+
+def top(dimension: TuneRange) -> float:
+    """The highest value a range can take: its high, or the last multiple of its step below it (as Optuna)."""
+    low, high = float(dimension.low), float(dimension.high)
+    if dimension.step:
+        return low + math.floor((high - low) / float(dimension.step) + 1e-9) * float(dimension.step)
+    return high
 
 
 def numeric_choices(choices: list[Any]) -> list[float] | None:

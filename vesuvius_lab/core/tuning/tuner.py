@@ -52,8 +52,8 @@ from vesuvius_lab.core.tuning.study import Search, best_values, chain_of, trial_
 TRIALS_FILE = "trials.json"
 STUDY_FILE = "study.db"
 RESUMABLE = ("killed", "interrupted")
-#: The best trial by the mean over volumes: the choice of tuning runs that do not record one.
-MEAN_OF_VOLUMES = TuneOptions(objective="mean", plateau=0.0)
+#: What makes two tunings one: the keys of tuning.json compared (a run without "choice" chose the mean's best).
+IDENTITY_KEYS = ("space", "sources", "choice")
 #: The records that say whether a tuning run can be continued.
 RECORDS = (TUNING_RECORD, "status.json", "spec.json")
 
@@ -305,8 +305,14 @@ def tuning_identity(spec: Experiment, sources: list[Run]) -> dict:
     """What makes two tunings the same one (continued, sharing a study): the space, the source runs and how
     a chain is chosen."""
     identity = {"space": _space_record(spec.tune), "sources": [str(run.path) for run in sources]}
-    if spec.tune_options != MEAN_OF_VOLUMES:  # how every tuning chose before the choice was recorded: those continue
-        identity["choice"] = spec.tune_options.model_dump(mode="json")
+    options = spec.tune_options
+    if (options.objective, options.plateau) != ("mean", 0):  # how every tuning chose before choices were recorded
+        choice = {"objective": options.objective, "plateau": options.plateau}
+        if options.objective != "mean":  # only what changes the chain chosen
+            choice["group_by"] = options.group_by
+        if options.objective == "mean_minus_std":
+            choice["k"] = options.k
+        identity["choice"] = choice
     return identity
 
 
@@ -324,7 +330,8 @@ def _resumable(runs_dir: Path, name: str, identity: dict, target: str) -> Run | 
             continue
         damaged = {record: reason for record in RECORDS if (reason := run.damaged(record))}
         recorded = run.read(TUNING_RECORD, {})
-        same = json.dumps({key: recorded.get(key) for key in identity}, sort_keys=True) == wanted
+        same = json.dumps({key: recorded[key] for key in IDENTITY_KEYS if recorded.get(key) is not None},
+                          sort_keys=True) == wanted
         state = effective_state(run)
         if damaged and (same or TUNING_RECORD in damaged) and state in (*RESUMABLE, "unknown"):
             record, reason = next(iter(damaged.items()))
