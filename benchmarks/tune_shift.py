@@ -73,6 +73,12 @@ def family_of_volumes(data: Path) -> dict[str, str]:
     return {volume: marker["families"][scroll] for volume, scroll in rows}
 
 
+def tuning_record(runs: Path, file: Path) -> dict:
+    """The tuning.json of the newest tuning run of ``file``."""
+    records = [json.loads(path.read_text()) for path in sorted(runs.glob("*-tuned/*/tuning.json"))]
+    return [record for record in records if record.get("target") == str(file)][-1]
+
+
 def scores(project: Project, chain_file: Path, probabilities: Path, labels: Path, out: Path) -> dict[str, float]:
     """Per volume: the score of ``chain_file``'s chain applied to the cached probabilities."""
     if not (out / "scores.json").is_file():
@@ -115,7 +121,7 @@ def main() -> None:
             console.print(f"tuning: {label} ...")
             project.vlab("tune", str(file), "--trials", str(args.trials))
         chains[label] = tuned
-        estimates[label] = float(tuned.read_text().split("Cross-validated score ")[1].split()[0])
+        estimates[label] = tuning_record(work / "project" / "runs", file)["cross_validated"]
 
     sets = {"in family": dataset(work / f"held-{args.seeds[0]}", n=args.held, seed=args.seeds[0],
                                  families=args.tuned_on, scrolls=len(args.tuned_on) * 2),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 from click.testing import CliRunner
+from conftest import run_cli
 from scipy import ndimage
 
 from vesuvius_lab.cli import cli
@@ -166,8 +167,6 @@ def test_style_families_move_their_looks_outside_the_base_ranges(tmp_path):
     for scroll, family in marker["families"].items():
         low, high = {**BASE_RANGES, **FAMILIES[family]}["noise"]
         assert low <= marker["styles"][scroll]["noise"] <= high
-    from conftest import run_cli
-
     refused = run_cli(["data", "synth", "--out", str(tmp_path / "e"), "--family", "foggy"])
     assert refused.returncode == 2 and "unknown style family 'foggy'" in refused.stderr
     assert not (tmp_path / "e").exists()  # refused before anything is written

@@ -543,6 +543,8 @@ class TuneRange(Strict):
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
 
+#: The experiment's fields that only `vlab tune` reads: not part of what a run trains, nor of its columns.
+TUNING_FIELDS = ("tune", "tune_options")
 #: Keys of ``[tune]`` that say how to search rather than what: moved into ``Experiment.tune_options``.
 TUNE_OPTION_KEYS = ("objective", "k", "group_by", "plateau")
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from vesuvius_lab.core import interrupts
 from vesuvius_lab.core.config.experiment import LoadedExperiment, Problem
 from vesuvius_lab.core.config.project import Project
-from vesuvius_lab.core.config.spec import Experiment
+from vesuvius_lab.core.config.spec import TUNING_FIELDS, Experiment
 from vesuvius_lab.core.config.checked import check_files
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.runs.folder import Run, damaged_run, damaged_run_error, find_runs
@@ -88,7 +88,7 @@ def plan(files: Iterable[str | Path], project: Project, *, overrides: Iterable[s
 def _canonical(spec: dict) -> str:
     """The spec as compared between runs; [tune] is what `vlab tune` searches later and [[tracker]] where a
     run is watched, not how it trains (adding a tracker retrains nothing)."""
-    return json.dumps({k: v for k, v in spec.items() if k not in ("tune", "tune_options", "tracker")}, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in spec.items() if k not in (*TUNING_FIELDS, "tracker")}, sort_keys=True, default=str)
 
 
 def _same_spec_runs(runs_dir: Path, spec: Experiment):

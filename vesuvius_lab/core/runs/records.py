@@ -15,14 +15,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from vesuvius_lab.core.contract.backend import COMPONENT_KEYS
-from vesuvius_lab.core.config.spec import Experiment, ensemble_column
+from vesuvius_lab.core.config.spec import TUNING_FIELDS, Experiment, ensemble_column
 from vesuvius_lab.core.errors import UserError
 from vesuvius_lab.core.runs.folder import Run, effective_state, find_runs, latest_finished
 
 #: Spec keys never shown as differing columns: identity, paths, the fold, where a run is watched
 #: (its trackers), and what the plugin columns already show.
-HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", "tune", "tune_options",
-                    "tracker", "model.plugin", "inference.blend.plugin")
+HIDDEN_SPEC_KEYS = ("name", "description", "extends", "data.root", "data.fold", "sweep", *TUNING_FIELDS, "tracker",
+                    "model.plugin", "inference.blend.plugin")
 HIDDEN_SPEC_PATTERNS = (("loss", "plugin"), ("loss", "weight"), ("postprocess", "plugin"))
 
 
@@ -148,7 +148,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _hidden(key: str) -> bool:
-    if key in HIDDEN_SPEC_KEYS or any(key.startswith(k + ".") for k in ("sweep", "tune", "tune_options", "tracker")):
+    if key in HIDDEN_SPEC_KEYS or any(key.startswith(k + ".") for k in ("sweep", *TUNING_FIELDS, "tracker")):
         return True
     parts = key.split(".")
     return len(parts) == 3 and parts[1].isdigit() and (parts[0], parts[2]) in HIDDEN_SPEC_PATTERNS

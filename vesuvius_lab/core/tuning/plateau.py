@@ -40,7 +40,7 @@ def _moves(dimension: TuneRange, value: Any, radius: float) -> list[Any]:
         return []
     if dimension.choices is not None:
         ordered = sorted(dimension.choices)
-        index = ordered.index(min(ordered, key=lambda c: abs(c - value)))
+        index = round(where * (len(ordered) - 1))  # position() is the index among the sorted choices
         return [ordered[i] for i in (index - 1, index + 1) if 0 <= i < len(ordered)]
     moves = []
     for direction in (-1, 1):

@@ -25,6 +25,9 @@ from vesuvius_lab.core.tuning.storage import journal, open_storage, storage_erro
 
 optuna.logging.set_verbosity(logging.WARNING)
 
+#: What a chain's steps raise for values they refuse together (a hysteresis low above its high).
+REFUSED = (ValidationError, UserError)
+
 
 def chain_of(spec: Experiment) -> ChainSpec:
     return [step.model_dump(mode="json") for step in spec.postprocess], spec.inference.threshold
@@ -73,7 +76,7 @@ class Search:
         values = {key: suggest(trial, key, dimension) for key, dimension in self.space.items()}
         try:
             scores = scorer.score(chain_of(apply_values(self.spec, values)), self.ids)
-        except (ValidationError, UserError) as exc:  # a combination the steps refuse (hysteresis low above high)
+        except REFUSED as exc:
             trial.set_user_attr("refused", str(exc).splitlines()[0][:300])
             raise optuna.TrialPruned() from None  # not a failure: the sampler learns to avoid it
         except KeyboardInterrupt:  # stopped at once (a second Ctrl-C): Optuna records a failure; run it again

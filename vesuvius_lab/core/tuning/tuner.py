@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from vesuvius_lab.core import interrupts
@@ -47,7 +46,7 @@ from vesuvius_lab.core.tuning.storage import (DamagedStorage, check_studies, ope
 from vesuvius_lab.core.tuning import plateau
 from vesuvius_lab.core.tuning.notices import Notice, all_notices, profiles
 from vesuvius_lab.core.tuning.objective import Objective, volume_groups
-from vesuvius_lab.core.tuning.study import Search, best_values, chain_of, trial_records
+from vesuvius_lab.core.tuning.study import REFUSED, Search, best_values, chain_of, trial_records
 
 TRIALS_FILE = "trials.json"
 STUDY_FILE = "study.db"
@@ -180,6 +179,7 @@ class _Chooser:
 
     def __init__(self, run: Run, scorer: CaseScorer, radius: float, note=lambda text: None):
         self.run, self.scorer, self.radius, self.note = run, scorer, radius, note
+        self.memo: dict[str, dict] = self.run.read(TRIALS_FILE, {}).get("neighbours") or {}  # study -> chain -> scores
 
     def choose(self, search: Search, study) -> tuple[dict[str, Any], dict[str, Any] | None]:
         best = best_values(study, search.space)  # also: a clear error when every trial was refused
@@ -191,17 +191,16 @@ class _Chooser:
 
     def evaluate(self, search: Search, values: dict[str, Any]) -> float | None:
         """The objective of ``values`` on the search's volumes; None when the steps refuse them."""
-        saved = self.run.read(TRIALS_FILE, {})
-        memo = saved.setdefault("neighbours", {}).setdefault(search.name, {})
+        memo = self.memo.setdefault(search.name, {})
         key = json.dumps(values, sort_keys=True)
         if key not in memo:
             self.note(f"{search.name}: scoring around the chosen chain ({len(memo) + 1})")
             try:
                 scores = self.scorer.score(chain_of(apply_values(search.spec, values)), search.ids)
                 memo[key] = {i: s.score for i, s in scores.items()}
-            except (ValidationError, UserError):  # values the steps refuse: no neighbour there
+            except REFUSED:  # values the steps refuse: no neighbour there
                 memo[key] = None
-            self.run.write(TRIALS_FILE, saved)
+            self.run.write(TRIALS_FILE, {**self.run.read(TRIALS_FILE, {}), "neighbours": self.memo})
             interrupts.check()
         return None if memo[key] is None else search.objective.value(memo[key])
 
@@ -216,7 +215,7 @@ def _notices(search: Search, study, chosen: dict[str, Any], groups: dict[str, st
             steps, threshold = chain_of(apply_values(search.spec, {**chosen, key: value}))
             build_chain(steps, threshold=threshold, runs_dir=runs_dir)
             return True
-        except (ValidationError, UserError, ValueError):
+        except (*REFUSED, ValueError):
             return False
 
     return all_notices(search.space, chosen, records, found, groups, accepts)
