@@ -189,6 +189,7 @@ def test_tuning_workers_end_with_their_killed_parent(synth_data, tmp_path):
 
 LOADER = """
     import sys
+    import time
     from pathlib import Path
 
     import torch
@@ -211,6 +212,10 @@ LOADER = """
         own = iter(DataLoader(Endless(), batch_size=2, num_workers=2,
                               worker_init_fn=children.loader_worker_init(mark)))
         next(own)
+        deadline = time.monotonic() + 60  # the first batch may come before the second worker's init has run
+        while len(list(Path(".").glob("worker-*.started"))) < 2 and time.monotonic() < deadline:
+            next(own)
+            time.sleep(0.05)
         print("ready", flush=True)
         sys.stdin.read()  # until killed
 """
