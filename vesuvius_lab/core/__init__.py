@@ -3,15 +3,16 @@
 One package per stage of the pipeline, lowest first; a stage imports only the stages below it
 (an import-linter contract in ``pyproject.toml``, run by the test suite):
 
-- the root: ``registry`` (the plugin contract), ``errors``, ``files``, ``console``,
-  ``checkpoint`` (the checkpoint format), ``backend`` (self-training backends), ``models``
-  (the 2.5D wrapper), ``windows`` (the windows a network takes, for plugins' checks), ``array_cache``
-  (checksummed ``.npy`` caches), ``interrupts`` (Ctrl-C and SIGTERM), ``children`` (child processes
-  end with their parent);
+- the root, what every stage uses: ``registry`` (the plugin contract), ``errors``, ``files``,
+  ``console``, ``interrupts`` (Ctrl-C and SIGTERM), ``children`` (child processes end with their
+  parent);
+- ``contract``: what model plugins import: ``backend`` (self-training backends), ``models`` (the 2.5D
+  wrapper), ``windows`` (the windows a network takes, for plugins' checks);
 - ``config``: the spec, experiment loading, project settings, sweeps;
-- ``data``: the dataset, TIFF I/O, folds, synthetic scrolls, patch sampling, label damage;
+- ``data``: the dataset, volumes of every format, TIFF I/O, folds, synthetic scrolls, patch sampling,
+  label damage, ``array_cache`` (checksummed ``.npy`` caches);
 - ``metric``: the competition score;
-- ``runs``: run folders and their records;
+- ``runs``: run folders, their records and ``checkpoint`` (the checkpoint format);
 - ``inference``: sliding windows, opening any run, post-processing, ensembles;
 - ``training``: the trainer, validation, building ensemble runs;
 - ``tuning``: ``vlab tune``, the chain chosen on out-of-fold predictions (beside ``training``);
