@@ -28,7 +28,7 @@ import _summary
 from rich.console import Console
 from rich.table import Table
 
-from vesuvius_lab.core.data.synthetic import FAMILIES, write_dataset
+from vesuvius_lab.core.data.synthetic import FAMILIES, MARKER, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The quick ensemble's repair chain and its [tune] space: everything from its [inference] table on.
@@ -68,7 +68,7 @@ def dataset(path: Path, *, n: int, seed: int, families: list[str], scrolls: int)
 
 def family_of_volumes(data: Path) -> dict[str, str]:
     """volume id -> its scroll's style family, from the dataset's marker and train.csv."""
-    marker = json.loads((data / ".vlab-synthetic.json").read_text())
+    marker = json.loads((data / MARKER).read_text())
     rows = [line.split(",") for line in (data / "train.csv").read_text().splitlines()[1:]]
     return {volume: marker["families"][scroll] for volume, scroll in rows}
 
@@ -142,7 +142,7 @@ def main() -> None:
 
     table = Table(title=f"Chains tuned on {'+'.join(args.tuned_on)}, scored in and out of family "
                         f"({args.trials} trials per search; {wall:.0f} s)")
-    shifted = [f for f in args.shifted]
+    shifted = list(args.shifted)
     for column in ("chain", "cross-validated", "in family", "out of family", *shifted):
         table.add_column(column, justify="right" if column != "chain" else "left")
     rows = []
@@ -155,8 +155,8 @@ def main() -> None:
         table.add_row(label, estimate, f"{inside:.4f}", f"{outside:.4f}", *(f"{s:.4f}" for s in per_family))
         rows.append((label, inside, outside))
     console.print(table)
-    untuned = dict((label, (i, o)) for label, i, o in rows)["untuned"]
-    mean = dict((label, (i, o)) for label, i, o in rows)["mean"]
+    by_label = {label: (inside, outside) for label, inside, outside in rows}
+    untuned, mean = by_label["untuned"], by_label["mean"]
     for label, inside, outside in rows[1:]:
         console.print(f"{label:>26}: out of family {outside - untuned[1]:+.4f} against the untuned chain; "
                       f"in family {inside - mean[0]:+.4f} against the mean objective")

@@ -190,6 +190,11 @@ def test_tune_options_are_written_in_tune_beside_the_ranges(tmp_path):
     assert spec.tune_options.objective == "worst_group" and spec.tune_options.plateau == 0.1
     assert list(spec.tune) == ["inference.threshold"]
     assert load_experiment(file, ["tune.objective=\"mean_minus_std\""]).spec.tune_options.objective == "mean_minus_std"
+    from vesuvius_lab.cli import cli
+    from vesuvius_lab.core.tuning.objective import OBJECTIVES
+
+    options = {p.name: p for p in cli.commands["tune"].params}  # the command line offers what the file accepts
+    assert tuple(options["objective"].type.choices) == OBJECTIVES and options["plateau"].type.max == 0.5
 
 
 def test_a_bad_tune_option_is_reported_at_its_line(tmp_path):

@@ -718,9 +718,9 @@ def data_synth(obj: ProjectContext, out_dir, n, shape, seed, scrolls, n_test, za
     target = Path(out_dir) if out_dir else obj.project().data_root
     write_dataset(target, n=n, shape=tuple(shape), seed=seed, scrolls=scrolls, n_test=n_test, workers=workers,
                   families=families or ("base",))
+    named = " (families: " + ", ".join(families) + ")" if families else ""
     out.print(f"wrote {n} training and {n_test} test volume(s) of {'x'.join(map(str, shape))} over "
-              f"{scrolls} scroll(s){f' (families: {chr(44).join(families)})' if families else ''} to "
-              f"{_escape(str(target))}")
+              f"{scrolls} scroll(s){named} to {_escape(str(target))}")
 
 
 @data.command("check")

@@ -70,12 +70,11 @@ class ScrollStyle:
     def draw(cls, rng: np.random.Generator, family: str = "base") -> "ScrollStyle":
         """A style drawn from the ranges of ``family`` (see :data:`FAMILIES`)."""
         ranges = style_ranges(family)
-        return cls(**{name: rng.uniform(*ranges[name]) for name in STYLE_FIELDS})
+        return cls(**{name: rng.uniform(*bounds) for name, bounds in ranges.items()})
 
 
-#: The style's fields, in the order they are drawn (the same seed gives the same style).
-STYLE_FIELDS = ("sheet_thickness", "gap", "touching", "waviness", "fray", "air", "papyrus", "noise", "blur")
-#: The ranges every scroll is drawn from unless its family changes some.
+#: The ranges every scroll is drawn from unless its family changes some, in the order they are drawn (the
+#: same seed gives the same style; a family replaces ranges in place, so the order holds).
 BASE_RANGES: dict[str, tuple[float, float]] = {
     "sheet_thickness": (3.8, 6.0), "gap": (2.5, 7.0), "touching": (0.15, 0.45), "waviness": (2.0, 7.0),
     "fray": (0.2, 0.8), "air": (25, 55), "papyrus": (150, 200), "noise": (10, 20), "blur": (0.6, 1.1)}

@@ -177,8 +177,8 @@ def tuning_curves(path: Path, trials: Sequence[dict], *, title: str, untuned: fl
                   profiles: dict | None = None) -> Path:
     """One PNG for a ``vlab tune`` run: the score of each trial with the best so far, and one panel per
     tuned key showing the score against its value (each key's effect), the chosen value marked and the
-    chosen chain's profile through it; the
-    tune's notices (an edge, a flat key, groups that disagree) are written on the panels they concern."""
+    chosen chain's profile through it; the tune's notices (an edge, a flat key, groups that disagree) are
+    written on the panels they concern, and those of no one key above them."""
     import matplotlib
 
     matplotlib.use("Agg")

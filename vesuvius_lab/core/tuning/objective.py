@@ -17,11 +17,13 @@ when they all come from one scroll):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, get_args
 
 import numpy as np
 
-OBJECTIVES = ("mean", "worst_group", "mean_minus_std")
+from vesuvius_lab.core.config.spec import TuneOptions
+
+OBJECTIVES: tuple[str, ...] = get_args(TuneOptions.model_fields["objective"].annotation)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ each key's range), the best few trials are each re-scored at their neighbours (e
 ``r`` down and up, one at a time, on the log scale for a log range; the adjacent choices for numeric
 choices) and the candidate whose neighbourhood (itself and its neighbours) has the best mean is
 chosen. A neighbour the steps refuse (a hysteresis low above its high) counts as the worst score of
-the neighbourhood: a point on the edge of a cliff is no plateau. The record says how flat the chosen point is: its own score, its neighbourhood's mean and
-worst, and the drop from one to the other.
+the neighbourhood: a point on the edge of a cliff is no plateau. The record says how flat the chosen
+point is: its own score, its neighbourhood's mean and worst, and the drop from one to the other.
 """
 
 from __future__ import annotations

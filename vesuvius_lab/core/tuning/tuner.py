@@ -200,7 +200,7 @@ class _Chooser:
                 memo[key] = {i: s.score for i, s in scores.items()}
             except REFUSED:  # values the steps refuse: no neighbour there
                 memo[key] = None
-            self.run.write(TRIALS_FILE, {**self.run.read(TRIALS_FILE, {}), "neighbours": self.memo})
+            _keep_in_trials(self.run, self.memo, "neighbours")
             interrupts.check()
         return None if memo[key] is None else search.objective.value(memo[key])
 
@@ -233,7 +233,7 @@ def _record(run: Run, spec: Experiment, tuned: Experiment, record: dict, untuned
         steps["cross-validated"] = record["cross_validated"]
     run.write("scores.json", {"epoch": None, "mean": mean_scores(list(final.values())), "volumes": volumes,
                               "steps": steps})
-    run.write(TRIALS_FILE, {**run.read(TRIALS_FILE, {}), "trials": trial_records(study, spec.tune)})
+    _keep_in_trials(run, trial_records(study, spec.tune), "trials")
     run.write(TUNING_RECORD, record)
     named = tuned.model_copy(update={"name": f"{spec.name}-tuned",
                                      "data": tuned.data.model_copy(update={"folds": None})})
@@ -374,15 +374,21 @@ def _keeper(run: Run, main: str, space: dict[str, TuneRange]):
     "trials", each cross-validation search under "cross_validation"): what rebuilds a damaged study."""
 
     def keep(study) -> None:
-        saved = run.read(TRIALS_FILE, {})
-        records = trial_records(study, space)
-        if study.study_name == main:
-            saved["trials"] = records
-        else:
-            saved.setdefault("cross_validation", {})[study.study_name] = records
-        run.write(TRIALS_FILE, saved)
+        where = ("trials",) if study.study_name == main else ("cross_validation", study.study_name)
+        _keep_in_trials(run, trial_records(study, space), *where)
 
     return keep
+
+
+def _keep_in_trials(run: Run, value: Any, *where: str) -> None:
+    """``value`` written at ``where`` (keys, outermost first) in trials.json, the rest kept: the main search's
+    trials, each cross-validation search's and the plateau's neighbours are written by their own steps."""
+    saved = run.read(TRIALS_FILE, {})
+    inner = saved
+    for key in where[:-1]:
+        inner = inner.setdefault(key, {})
+    inner[where[-1]] = value
+    run.write(TRIALS_FILE, saved)
 
 
 def _new_run(spec: Experiment, project: Project, device: str) -> Run:
