@@ -241,7 +241,7 @@ def test_two_jobs_at_once_stop_together_on_ctrl_c_then_resume_with_complete_reco
 def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resumes_it(synth_data, tmp_path,
                                                                                       vlab_here):
     runs = tmp_path / "runs"
-    files = _experiments(tmp_path, doomed=(2, 48), fine=(1, 2))  # its resumed epoch outlasts a check of its cores
+    files = _experiments(tmp_path, doomed=(3, 64), fine=(1, 2))  # its resumed epochs outlast a check of its cores
     process = start_vlab(["run", *files, "--jobs", "2"], synth_data, runs)
     try:
         doomed = _run_of(runs, "doomed", epochs=1, process=process)
@@ -262,7 +262,7 @@ def test_a_killed_job_shows_as_killed_the_other_finishes_and_the_next_run_resume
     assert again.returncode == 0, again.stderr
     assert "1 resumed" in again.stderr and "1 skipped" in again.stderr
     assert len(find_runs(runs)) == 2
-    _complete(doomed, 2)
+    _complete(doomed, 3)
     if len(os.sched_getaffinity(0)) >= 2:  # resumed alone: it started on its share and took up the free one
         assert "vlab run --jobs shared out the cores" in (doomed.path / "log.txt").read_text()
 
